@@ -1,0 +1,233 @@
+"""The ``rocmforge`` command line.
+
+The only place (with the server's startup) that prints: everything below it logs. Errors are
+one friendly line on stderr and a documented exit code; ``--debug`` adds the traceback.
+
+Exit codes: 0 success; 1 runtime error (model, device, engine); 2 usage error (bad flag or
+value); 3 server unreachable; 4 not found (model file, request id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rocmforge import __version__
+from rocmforge.errors import ModelNotFoundError, RequestNotFoundError, RocmForgeError
+from rocmforge.settings import Settings, load_settings
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+
+app = typer.Typer(
+    name="rocmforge",
+    help="Run GGUF language models on AMD ROCm, NVIDIA CUDA or the CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class _State:
+    debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"rocmforge {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _State.debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="Known model to fetch (smollm2).")] = "smollm2",
+    force: Annotated[bool, typer.Option("--force", help="Download again even if present.")] = False,
+) -> None:
+    """Fetch a known model into the models directory (ROCMFORGE_MODELS) and verify it."""
+    from rocmforge.hub import pull as pull_model
+
+    settings = load_settings()
+    with err.status(f"fetching {name} ..."):
+        path = pull_model(name, settings.models, force=force)
+    out.print(str(path))
+
+
+@app.command()
+def models() -> None:
+    """List the GGUF files under the models directory (ROCMFORGE_MODELS)."""
+    from rocmforge.hub import list_models
+
+    settings = load_settings()
+    found = list_models(settings.models)
+    if not found:
+        err.print(f"no GGUF files under {settings.models} (try `rocmforge pull smollm2`)")
+        return
+    table = Table("model", "size", "path")
+    for path in found:
+        table.add_row(path.stem, _size(path.stat().st_size), str(path))
+    out.print(table)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="GGUF file to describe.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full summary as JSON.")] = False,
+) -> None:
+    """Describe a GGUF file: architecture, hyper-parameters, tensors, quantization, memory."""
+    from rocmforge.gguf import read_gguf
+    from rocmforge.gguf.summary import summarize
+
+    with read_gguf(file) as gguf:
+        summary = summarize(gguf)
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    _print_summary(summary)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")],
+    gguf: Annotated[
+        str | None, typer.Option("--gguf", help="GGUF file or known model name [env: ROCMFORGE_GGUF].")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="HF tokenizer.json override [env: ROCMFORGE_TOKENIZER].")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.7,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1: off).")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = None,
+) -> None:
+    """Generate text locally from a GGUF model."""
+    from rocmforge.sampling_params import SamplingParams
+
+    settings = load_settings(gguf=gguf, tokenizer=tokenizer, device=device, dtype=dtype)
+    llm = _load(settings)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if chat:
+        prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
+    if stream:
+        for output in llm.stream(prompt, params):
+            out.print(output.delta_text, end="", markup=False, highlight=False, soft_wrap=True)
+        out.print()
+        return
+    [completion] = llm.generate(prompt, params)
+    out.print(completion.text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _load(settings: Settings) -> Any:
+    """Load the model with a progress bar on stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from rocmforge.llm import LLM
+
+    with Progress(TextColumn("loading model"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task("load", total=None)
+        llm = LLM(
+            settings.gguf,
+            tokenizer=settings.tokenizer,
+            device=settings.device,
+            gpu_index=settings.gpu_device,
+            dtype=settings.dtype,
+            models_dir=settings.models,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    return llm
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    out.print(f"[bold]{summary['name'] or Path(summary['path']).name}[/bold]  ({summary['architecture']}, GGUF v{summary['gguf_version']})")
+    out.print(
+        f"{summary['parameters'] / 1e6:.1f}M parameters, {_size(summary['weight_bytes'])} of weights "
+        f"({summary['bits_per_weight']} bits/weight), file {_size(summary['file_bytes'])}"
+    )
+    hyper = summary.get("hyperparameters") or {}
+    if hyper:
+        table = Table("hyper-parameter", "value", title="model")
+        for key, value in hyper.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    quant = Table("type", "parameters", "share", "bytes", title="quantization mix")
+    for name, row in summary["quantization"].items():
+        quant.add_row(name, f"{row['parameters']:,}", f"{100 * row['fraction']:.1f} %", _size(row["bytes"]))
+    out.print(quant)
+    memory = summary.get("memory")
+    if memory:
+        out.print(
+            f"memory: weights {_size(memory['weights_bf16_bytes'])} bf16 / {_size(memory['weights_fp32_bytes'])} fp32; "
+            f"KV cache {_size(memory['kv_cache_bytes_per_token_bf16'])}/token bf16, "
+            f"{_size(memory['kv_cache_full_context_bf16_bytes'])} for the full context"
+        )
+    tensors = Table("tensor", "type", "shape", "bytes", title=f"{len(summary['tensors'])} tensors")
+    for t in summary["tensors"]:
+        tensors.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), _size(t["bytes"]))
+    out.print(tensors)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def main() -> None:
+    """Entry point: run the app, turning errors into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, an exit code
+        sys.exit(_report(exc))
+
+
+def _report(exc: Exception) -> int:
+    import click
+
+    if isinstance(exc, click.UsageError):
+        exc.show()
+        return EXIT_USAGE
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        return exc.exit_code
+    if _State.debug:
+        err.print_exception()
+    if isinstance(exc, (ModelNotFoundError, RequestNotFoundError)):
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_NOT_FOUND
+    if isinstance(exc, RocmForgeError):
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_RUNTIME
+    err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)", highlight=False)
+    return EXIT_RUNTIME

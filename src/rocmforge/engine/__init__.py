@@ -1,0 +1,1 @@
+"""The serving engine: requests, KV block manager, scheduler, model runner, sampler, detokenizer."""

@@ -1,0 +1,164 @@
+"""The model runner: the one owner of device state.
+
+It holds the model's weights (through the model), the paged KV cache (one K and one V tensor
+per layer, ``[num_blocks, block_size, num_kv_heads, head_dim]``) and each seeded request's
+random generator. Each step it turns the scheduler's integer plan into tensors, runs the
+model, samples, and hands back plain Python values — one host synchronisation per step.
+
+In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
+Out: :class:`~rocmforge.engine.scheduler.RunnerOutput` (sampled token per sampling request,
+its logprobs, and prompt logprobs for requests that asked for them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rocmforge.attention import AttentionMetadata
+from rocmforge.engine.sampler import Sampler, SamplingBatch
+from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from rocmforge.models.config import ModelConfig
+from rocmforge.models.llama import LlamaForCausalLM
+from rocmforge.outputs import TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes across all layers (K and V)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        kv_dtype: torch.dtype,
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # Zero-filled: masked-out cache entries still enter the attention matmul (weight 0),
+        # so they must be finite.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
+        model.bind_kv_cache(self.kv_caches)
+        self.sampler = Sampler()
+        self._generators: dict[str, torch.Generator] = {}
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %s)",
+            num_blocks,
+            block_size,
+            num_blocks * kv_block_bytes(config, block_size, kv_dtype) / 2**20,
+            kv_dtype,
+        )
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's per-request state (its random generator)."""
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        scheduled = out.scheduled
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for item in scheduled:
+            input_ids.extend(item.token_ids)
+            positions.extend(range(item.start_pos, item.start_pos + item.num_tokens))
+        metadata = AttentionMetadata.build(
+            query_lens=[item.num_tokens for item in scheduled],
+            seq_lens=[item.start_pos + item.num_tokens for item in scheduled],
+            block_tables=[item.request.block_ids for item in scheduled],
+            block_size=self.block_size,
+            device=self.device,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
+            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            metadata,
+        )
+
+        ends = _query_ends(scheduled)
+        samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if item.samples]
+        result = RunnerOutput(sampled={})
+        if samplers:
+            rows = torch.tensor([row for _, row in samplers], device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+            batch = SamplingBatch(
+                params=[item.request.params for item, _ in samplers],
+                prompt_ids=[item.request.prompt_token_ids for item, _ in samplers],
+                output_ids=[item.request.output_token_ids for item, _ in samplers],
+                generators=[self._generator(item) for item, _ in samplers],
+            )
+            sampled = self.sampler(logits, batch)
+            tokens = sampled.token_ids.tolist()  # the step's host synchronisation
+            for (item, _), token in zip(samplers, tokens):
+                result.sampled[item.request.request_id] = token
+            if sampled.logprobs is not None and sampled.top_ids is not None:
+                values, top_ids = sampled.logprobs.tolist(), sampled.top_ids.tolist()
+                for i, ((item, _), token) in enumerate(zip(samplers, tokens)):
+                    n = item.request.params.logprobs
+                    if n is not None:
+                        top = list(zip(top_ids[i][:n], values[i][1 : n + 1]))
+                        result.logprobs[item.request.request_id] = TokenLogprobs(token, values[i][0], top)
+        self._prompt_logprobs(scheduled, ends, hidden, result)
+        return result
+
+    def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
+        seed = item.request.params.seed
+        if seed is None:
+            return None
+        request_id = item.request.request_id
+        generator = self._generators.get(request_id)
+        if generator is None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request_id] = generator
+        return generator
+
+    def _prompt_logprobs(
+        self,
+        scheduled: list[ScheduledRequest],
+        ends: list[int],
+        hidden: torch.Tensor,
+        result: RunnerOutput,
+    ) -> None:
+        """Row r of a chunk predicts token start_pos + r + 1; keep those inside the prompt."""
+        for item, end in zip(scheduled, ends):
+            top_n = item.request.params.prompt_logprobs
+            if top_n is None:
+                continue
+            request = item.request
+            count = min(item.num_tokens, request.num_prompt_tokens - 1 - item.start_pos)
+            if count <= 0:
+                continue
+            first_row = end - item.num_tokens
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[first_row : first_row + count]), dim=-1)
+            targets = request.prompt_token_ids[item.start_pos + 1 : item.start_pos + 1 + count]
+            chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+            entries: list[TokenLogprobs] = []
+            if top_n:
+                top_values, top_ids = (t.tolist() for t in logprobs.topk(top_n, dim=-1))
+            for r, target in enumerate(targets):
+                top = list(zip(top_ids[r], top_values[r])) if top_n else []
+                entries.append(TokenLogprobs(target, chosen[r], top))
+            result.prompt_logprobs[request.request_id] = (item.start_pos, entries)
+
+
+def _query_ends(scheduled: list[ScheduledRequest]) -> list[int]:
+    """Where each request's tokens end in the flattened batch (host-side, no device read)."""
+    ends, total = [], 0
+    for item in scheduled:
+        total += item.num_tokens
+        ends.append(total)
+    return ends

@@ -1,0 +1,355 @@
+"""Continuous-batching scheduler: which requests run each step, how many tokens, which blocks.
+
+The engine step is three calls::
+
+    out = scheduler.schedule()          # SchedulerOutput: requests, token ranges, preemptions
+    result = runner.execute(out)        # RunnerOutput: one sampled token per sampling request
+    scheduler.update(out, result)       # advance, append, check stops, free finished blocks
+
+Flows in: :class:`Request` objects from the engine (``add_request``), cancellations and
+stop-string hits (``finish_request``) and the runner's :class:`RunnerOutput`. Flows out:
+:class:`SchedulerOutput` to the runner and, from ``update``, the requests that got tokens.
+The scheduler owns every live request's state and the :class:`BlockManager`; it never
+touches tensors. It is not thread-safe: call it from the engine loop only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from rocmforge.engine.block_manager import BlockManager
+from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.engine.request import FinishReason, Request, RequestState
+from rocmforge.errors import (
+    ConfigError,
+    ContextLengthExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+FINISHED_HISTORY = 10_000
+"""Finished requests kept for status queries (least recently finished dropped first)."""
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request: Request
+    start_pos: int
+    """``request.num_computed_tokens`` before this step: position of the first token."""
+    num_tokens: int
+    """Tokens to compute this step: ``all_token_ids[start_pos : start_pos + num_tokens]``."""
+    samples: bool
+    """After this step the request is caught up with all its tokens: sample one next token."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_tokens]
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner computes this step."""
+
+    scheduled: list[ScheduledRequest]
+    """Order: as the runner should lay them out (running requests first, then admissions)."""
+    preempted: list[Request]
+    """Preempted during this ``schedule()``: blocks freed, back at the front of the queue."""
+    num_batched_tokens: int
+    finished_request_ids: list[str] = field(default_factory=list)
+    """Requests that finished since the previous ``schedule()``: per-request state kept by
+    the runner (if any) can be dropped."""
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Produced by the model runner (defined here so the scheduler owns the contract)."""
+
+    sampled: dict[str, int]
+    """request id -> sampled token id, for every scheduled request with ``samples``."""
+    logprobs: dict[str, Any] = field(default_factory=dict)
+    """request id -> the sampled token's logprobs; opaque here, passed through to the engine."""
+    prompt_logprobs: dict[str, tuple[int, list[Any]]] = field(default_factory=dict)
+    """request id -> (start_pos of the chunk, logprobs of the prompt tokens it predicts);
+    opaque here, passed through to the engine."""
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """A snapshot for metrics (plain numbers; exporting them is someone else's job)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+
+
+class Scheduler:
+    """FCFS continuous batching with chunked prefill, prefix caching and recompute preemption."""
+
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        finished_history: int = FINISHED_HISTORY,
+    ) -> None:
+        if cache_config.num_blocks is None:
+            raise ConfigError("cache_config.num_blocks must be set before building the scheduler")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.block_manager = BlockManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last one is preempted first
+        self._live: dict[str, Request] = {}  # waiting + running
+        self._finished: OrderedDict[str, Request] = OrderedDict()
+        self._finished_history = finished_history
+        self._finished_since_schedule: list[str] = []
+        self.num_preemptions = 0
+
+    # --- requests in -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (FCFS). Raises on invalid, too long or duplicate requests,
+        and ``OverloadedError`` when the waiting queue is full."""
+        rid = request.request_id
+        if rid in self._live:
+            raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
+        fresh = not (request.num_computed_tokens or request.block_ids)
+        if request.state is not RequestState.QUEUED or not fresh:
+            raise InvalidRequestError(f"request {rid!r} is not a new request")
+        cfg = self.scheduler_config
+        n, max_tokens = request.num_prompt_tokens, request.params.max_tokens
+        if n == 0:
+            raise InvalidRequestError("the prompt must not be empty", param="prompt")
+        if n + max_tokens > cfg.max_model_len:
+            raise ContextLengthExceededError(
+                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} "
+                f"tokens exceed the context window of {cfg.max_model_len}",
+                param="max_tokens",
+            )
+        # The last sampled token is never fed back, so the K/V peak is n + max_tokens - 1.
+        bm = self.block_manager
+        if bm.blocks_needed(n + max_tokens - 1) > bm.num_blocks:
+            capacity = bm.num_blocks * bm.block_size
+            raise ContextLengthExceededError(
+                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens - 1} "
+                f"tokens of KV cache exceed the whole pool of {capacity} tokens",
+                param="max_tokens",
+            )
+        if len(self.waiting) >= cfg.max_waiting:
+            raise OverloadedError(f"the waiting queue is full ({cfg.max_waiting} requests)")
+        self._finished.pop(rid, None)  # an id may be reused once its request finished
+        self._live[rid] = request
+        self.waiting.append(request)
+
+    def finish_request(
+        self, request_id: str, reason: FinishReason, error: str | None = None
+    ) -> Request:
+        """Finish a waiting or running request now (stop string, cancel, error) and free its
+        blocks. Idempotent for finished requests; unknown ids raise ``RequestNotFoundError``."""
+        request = self._live.get(request_id)
+        if request is None:
+            if request_id in self._finished:
+                return self._finished[request_id]
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
+        if request.state is RequestState.QUEUED:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+        self._finish(request, reason, error)
+        return request
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running requests first, then FCFS admissions."""
+        cfg, bm = self.scheduler_config, self.block_manager
+        budget = cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        # 1. Running requests, in admission order: decodes and unfinished (chunked) prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break  # it preempted itself: it was the last one
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            i += 1
+
+        # 2. Admissions, FCFS with no skipping ahead; none in a step that had to preempt.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < cfg.max_num_seqs
+        ):
+            request = self.waiting[0]
+            # Prompt logprobs need every prompt position computed: no prefix hits then.
+            if request.params.prompt_logprobs is None:
+                hit_blocks, num_cached = bm.get_computed_blocks(request)
+            else:
+                hit_blocks, num_cached = [], 0
+            # Chunked prefill: a prompt that does not fit in the budget gets a chunk.
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not bm.allocate_slots(request, num_new, hit_blocks):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = num_cached
+            request.state = RequestState.PREFILL
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        finished_ids, self._finished_since_schedule = self._finished_since_schedule, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted=preempted,
+            num_batched_tokens=cfg.max_num_batched_tokens - budget,
+            finished_request_ids=finished_ids,
+        )
+
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """Apply the runner's result; return the requests that got a new token this step
+        (finished ones included)."""
+        bm = self.block_manager
+        updated: list[Request] = []
+        any_finished = False
+        for item in out.scheduled:
+            request = item.request
+            if request.is_finished:  # finished (e.g. cancelled) after schedule()
+                continue
+            request.num_computed_tokens += item.num_tokens
+            bm.cache_full_blocks(request)
+            if not item.samples:
+                continue
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                logger.error("runner returned no token for request %s", request.request_id)
+                self._finish(request, FinishReason.ERROR, "the model runner returned no token")
+                any_finished = True
+                updated.append(request)
+                continue
+            request.append_token(token)
+            request.state = RequestState.DECODE
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+                any_finished = True
+            updated.append(request)
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return updated
+
+    # --- status ----------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> Request:
+        """A live request, or a recently finished one; else ``RequestNotFoundError``."""
+        request = self._live.get(request_id) or self._finished.get(request_id)
+        if request is None:
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
+        return request
+
+    def queue_position(self, request_id: str) -> int | None:
+        """0-based place in the waiting queue; ``None`` once running or finished."""
+        request = self.get_request(request_id)
+        if request.state is not RequestState.QUEUED:
+            return None
+        return self.waiting.index(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def get_stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=bm.usage,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+        )
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, preempted: list[Request]
+    ) -> bool:
+        """Allocate a running request's slots, preempting the latest admitted requests until
+        they fit. The requests before it are already scheduled, so a victim never is one of
+        them. False if the request had to preempt itself."""
+        while not self.block_manager.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    @staticmethod
+    def _scheduled(request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(request, start, num_new, start + num_new == request.num_tokens)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: drop the K/V, keep the tokens, requeue at the front."""
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.state = RequestState.QUEUED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    @staticmethod
+    def _stop_reason(request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens and (
+            (token in request.eos_token_ids and not params.ignore_eos)
+            or token in params.stop_token_ids
+        ):
+            return FinishReason.STOP
+        if request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
+        """Mark finished and free the blocks; the caller removes it from waiting/running."""
+        self.block_manager.free(request)
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+        request.error = error
+        request.finished_time = time.monotonic()
+        request.block_hashes = []  # only needed while it can still hit or fill the cache
+        del self._live[request.request_id]
+        self._finished[request.request_id] = request
+        if len(self._finished) > self._finished_history:
+            self._finished.popitem(last=False)
+        self._finished_since_schedule.append(request.request_id)

@@ -1,0 +1,1 @@
+"""Model definitions (pure torch), their architecture registry and the GGUF weight loader."""

@@ -1,0 +1,89 @@
+"""Building blocks shared by the llama family: RMSNorm, rotary embeddings, linear layers.
+
+Pure torch modules: no file I/O, no environment, no logging. Numerics follow HF
+transformers (norms computed in fp32, RoPE in rotate-half form) so that fp32 logits match it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the positions of a step, shared by every layer.
+
+    ``inv_freq[i] = theta^(-2i/d) / freq_factor[i]``; llama-3 style scaling supplies the
+    per-frequency factors (GGUF tensor ``rope_freqs.weight``), linear scaling divides
+    positions by ``position_scale``.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        freq_factors: torch.Tensor | None = None,
+        position_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if freq_factors is not None:
+            inv_freq = inv_freq / freq_factors.float()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.position_scale = position_scale
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = positions.float()
+        if self.position_scale != 1.0:
+            pos = pos / self.position_scale
+        freqs = pos[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (fp32). Rotate-half form."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Embedding(nn.Module):
+    """Token embedding; the weight is filled by the loader (no random init at construction)."""
+
+    def __init__(self, num_embeddings: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Linear(nn.Module):
+    """A dense linear layer holding a ``[out, in]`` weight (and optional bias)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
