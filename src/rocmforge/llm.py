@@ -39,7 +39,7 @@ from rocmforge.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_CPU_KV_BYTES = 512 << 20
 GPU_MEMORY_UTILIZATION = 0.85
 
 
@@ -52,6 +52,7 @@ class LLM:
         device: str = "auto",
         gpu_index: int = 0,
         dtype: str | torch.dtype | None = None,
+        weight_format: str = "auto",
         models_dir: str | os.PathLike[str] | None = None,
         kv_cache_memory: int | None = None,
         block_size: int = 16,
@@ -62,8 +63,11 @@ class LLM:
         progress: ProgressCallback | None = None,
     ) -> None:
         """``model``: a GGUF path, a known model name (``smollm2``) or None for the default.
-        ``kv_cache_memory``: bytes for the KV cache (default: 1 GiB on the CPU, 85 % of the
-        GPU memory left after the weights)."""
+        ``weight_format``: ``dense`` dequantizes every weight to ``dtype`` (exact, the
+        reference); ``quantized`` keeps 4-bit weights packed and runs the other matmuls in
+        bf16 where the device has kernels for it; ``auto`` is ``quantized`` on the CPU.
+        ``kv_cache_memory``: bytes for the KV cache (default: 512 MiB on the CPU, 85 % of
+        the GPU memory left after the weights)."""
         self.path = resolve_model(model, Path(models_dir) if models_dir else default_models_dir())
         self.device = resolve_device(device, gpu_index)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -72,7 +76,16 @@ class LLM:
         self.tokenizer = (
             Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
         )
-        loaded = load_model(gguf, device=self.device, dtype=self.dtype, attention=get_backend(), progress=progress)
+        if weight_format == "auto":
+            weight_format = "quantized" if self.device.type == "cpu" else "dense"
+        loaded = load_model(
+            gguf,
+            device=self.device,
+            dtype=self.dtype,
+            attention=get_backend(),
+            weight_format=weight_format,
+            progress=progress,
+        )
         gguf.close()
         self.config = loaded.config
 

@@ -137,7 +137,7 @@ def write_gguf(
         heads = {"attn_q.weight": spec.num_heads, "attn_k.weight": spec.num_kv_heads}.get(gguf_name.split(".", 2)[-1])
         stored = _permute(weight, heads) if permute and heads else weight
         qtype = tensor_type(gguf_name) if stored.ndim == 2 else GGMLQuantizationType.F32
-        raw, decoded = _encode(stored, qtype, rng)
+        raw, decoded = encode_weight(stored, qtype, rng)
         writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
         held[hf_name] = _unpermute(decoded, heads) if permute and heads else decoded
     writer.write_header_to_file()
@@ -214,7 +214,7 @@ def _tensor_names(spec: SyntheticSpec) -> list[tuple[str, str]]:
     return names
 
 
-def _encode(weight: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def encode_weight(weight: np.ndarray, qtype: GGMLQuantizationType, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(bytes or array to write, the fp32 values the file then holds)."""
     if qtype == GGMLQuantizationType.F32:
         return weight, weight

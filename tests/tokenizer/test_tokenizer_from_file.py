@@ -33,6 +33,7 @@ def smollm_json(hf_smollm: Any, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
+@pytest.mark.slow
 def test_file_with_config_beside_it(
     smollm_json: Path, smollm: Tokenizer, reference_hf: dict
 ) -> None:
@@ -56,6 +57,7 @@ def test_file_with_config_beside_it(
     )
 
 
+@pytest.mark.slow
 def test_metadata_overrides_the_config(
     smollm_json: Path, smollm: Tokenizer, smollm_metadata: dict[str, Any]
 ) -> None:

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from rocmforge.tokenizer import Tokenizer
 from rocmforge.tokenizer.token_bytes import bytes_to_unicode
 
+pytestmark = pytest.mark.slow  # needs the default model
+
 # Pieces where tokenizers tend to disagree: special tokens (whole and broken), whitespace
 # runs, digits (SmolLM splits them one by one), contractions, byte-level look-alikes.
 _PIECES = st.sampled_from(

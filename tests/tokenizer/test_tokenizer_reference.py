@@ -8,6 +8,8 @@ import pytest
 
 from rocmforge.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # needs the default model
+
 REFERENCES = ["reference_hf", "reference_llamacpp"]
 
 CONVERSATION = [

@@ -17,7 +17,8 @@ each; a slot is a row of its ``[num_blocks * block_size, num_kv_heads, head_dim]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +40,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    backend_cache: dict[str, Any] = field(default_factory=dict)
+    """Per-step values a backend derives once and reuses in every layer (masks, indices)."""
 
     @property
     def num_seqs(self) -> int:

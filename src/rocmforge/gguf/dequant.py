@@ -328,3 +328,39 @@ def dequantize(
     for start in range(0, n_blocks, step):
         out[start : start + step] = decoder(blocks[start : start + step])
     return out.view(dims)
+
+
+# --- 4-bit codes for quantized matmul kernels ---------------------------------------------
+
+Q4_GROUP = 32
+"""Elements sharing one scale/zero pair in :func:`split_q4`."""
+Q4_TYPES = frozenset({_T.Q4_0, _T.Q4_1, _T.Q4_K})
+
+
+def split_q4(
+    data: torch.Tensor, ggml_type: GGMLQuantizationType, shape: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decompose a 4-bit 2-D tensor into codes and per-32-element affine parameters.
+
+    Returns ``codes`` (uint8 0..15, ``shape``), ``scale`` and ``zero`` (float32,
+    ``(rows, cols // 32)``) such that ``x = (code - 8) * scale + zero`` — the form the
+    int4 matmul kernels take. Q4_0: scale d, zero 0. Q4_1: scale d, zero m + 8d.
+    Q4_K: per 32-element sub-block scale d*sc, zero 8*d*sc - dmin*m.
+    """
+    qtype, block_size, type_size = _quant_sizes(ggml_type)
+    if qtype not in Q4_TYPES or len(shape) != 2:
+        raise GGUFUnsupportedError(f"{qtype.name} tensor of shape {list(shape)} has no 4-bit split")
+    rows, cols = (int(d) for d in shape)
+    blocks = data.reshape(-1).contiguous().view(rows * cols // block_size, type_size)
+    if qtype == _T.Q4_K:
+        scale, offset = _k_scale_columns(blocks)  # (n, 8, 1) each
+        n = blocks.shape[0]
+        codes = _fields(blocks[:, 16:144].reshape(n, 4, 32), (0, 4), 0x0F, dim=-2).reshape(n, 256)
+        scale, zero = scale.reshape(n, 8), 8 * scale.reshape(n, 8) - offset.reshape(n, 8)
+    else:
+        first_code = 2 if qtype == _T.Q4_0 else 4
+        codes = _nibbles(blocks[:, first_code : first_code + 16])
+        scale = _f16(blocks, 0)
+        zero = torch.zeros_like(scale) if qtype == _T.Q4_0 else _f16(blocks, 2) + 8 * scale
+    groups = cols // Q4_GROUP
+    return codes.reshape(rows, cols), scale.reshape(rows, groups), zero.reshape(rows, groups)

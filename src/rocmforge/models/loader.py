@@ -18,31 +18,39 @@ import torch
 
 from rocmforge.attention import AttentionBackend
 from rocmforge.errors import ModelLoadError
-from rocmforge.gguf import GGUFFile
-from rocmforge.gguf.dequant import dequantize
+from rocmforge.gguf import GGUFFile, TensorInfo
+from rocmforge.gguf.dequant import Q4_TYPES, dequantize, split_q4
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
+from rocmforge.quant import int4_cpu
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (tensors done, tensors total) while weights load."""
 
-# parameter path -> GGUF tensor names concatenated along the output rows.
-GLOBAL_TENSORS: dict[str, tuple[str, ...]] = {
-    "embed_tokens.weight": ("token_embd.weight",),
-    "norm.weight": ("output_norm.weight",),
-    "lm_head.weight": ("output.weight",),  # absent when embeddings are tied
+WeightFormat = str
+"""``dense``: dequantize every weight to the compute dtype (exact; the reference path).
+``quantized``: keep 4-bit weights packed and run other matmul weights in bf16, where the
+device has kernels for it (CPU today)."""
+
+# Parameters filled directly: parameter path -> GGUF tensor name.
+PARAMS: dict[str, str] = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
 }
-LAYER_TENSORS: dict[str, tuple[str, ...]] = {
-    "input_layernorm.weight": ("attn_norm.weight",),
-    "self_attn.qkv_proj.weight": ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
-    "self_attn.qkv_proj.bias": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),  # qkv_bias archs only
-    "self_attn.o_proj.weight": ("attn_output.weight",),
-    "post_attention_layernorm.weight": ("ffn_norm.weight",),
-    "mlp.gate_up_proj.weight": ("ffn_gate.weight", "ffn_up.weight"),
-    "mlp.down_proj.weight": ("ffn_down.weight",),
+LAYER_PARAMS: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
 }
+# Linear layers: module path -> (weight tensors, bias tensors), concatenated along the rows.
+LAYER_LINEARS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "self_attn.qkv_proj": (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("attn_q.bias", "attn_k.bias", "attn_v.bias")),
+    "self_attn.o_proj": (("attn_output.weight",), ()),
+    "mlp.gate_up_proj": (("ffn_gate.weight", "ffn_up.weight"), ()),
+    "mlp.down_proj": (("ffn_down.weight",), ()),
+}
+OUTPUT = "output.weight"  # absent when the output head is tied to the embeddings
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -59,33 +67,52 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attention: AttentionBackend,
+    weight_format: WeightFormat = "dense",
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
+    if weight_format not in ("dense", "quantized"):
+        raise ValueError(f"unknown weight format {weight_format!r}")
     if "token_embd.weight" not in gguf.tensors:
         raise ModelLoadError(f"{gguf.path}: required tensor 'token_embd.weight' is missing")
     vocab_size = gguf.tensors["token_embd.weight"].shape[0]
     config = ModelConfig.from_gguf_metadata(gguf.metadata, vocab_size=vocab_size)
     loader = _TensorLoader(gguf, config, device)
+    quantized = weight_format == "quantized" and device.type == "cpu" and int4_cpu.available()
 
-    freq_factors = loader.load(ROPE_FREQS, torch.float32) if ROPE_FREQS in gguf.tensors else None
+    freq_factors = loader.dense(ROPE_FREQS, torch.float32) if ROPE_FREQS in gguf.tensors else None
     model = LlamaForCausalLM(config, attention, rope_freq_factors=freq_factors)
+    tied = OUTPUT not in gguf.tensors
 
-    plan = _plan(config, gguf)
-    tied = "output.weight" not in gguf.tensors
-    params = dict(model.named_parameters())
-    for done, (param_name, sources) in enumerate(plan, start=1):
-        tensor = torch.cat([loader.load(name, dtype) for name in sources], dim=0)
-        target = params[param_name]
-        if tensor.shape != target.shape:
-            raise ModelLoadError(
-                f"{gguf.path}: tensor(s) {', '.join(sources)} have shape {tuple(tensor.shape)}, "
-                f"expected {tuple(target.shape)} for this model's hyper-parameters"
-            )
-        target.data = tensor
-        if progress is not None:
-            progress(done, len(plan))
+    params = dict(PARAMS)
+    linears = {} if tied else {"lm_head": ((OUTPUT,), ())}
+    for i in range(config.num_layers):
+        params.update({f"layers.{i}.{p}": f"blk.{i}.{name}" for p, name in LAYER_PARAMS.items()})
+        for module, (weights, biases) in LAYER_LINEARS.items():
+            bias_names = tuple(f"blk.{i}.{b}" for b in biases) if config.arch.qkv_bias else ()
+            linears[f"layers.{i}.{module}"] = (tuple(f"blk.{i}.{w}" for w in weights), bias_names)
+
+    total = len(params) + len(linears)
+    named = dict(model.named_parameters())
+    for done, (param_name, tensor_name) in enumerate(params.items(), start=1):
+        _fill(named[param_name], loader.dense(tensor_name, dtype), (tensor_name,), gguf)
+        _report(progress, done, total)
+    for done, (module_name, (weights, biases)) in enumerate(linears.items(), start=len(params) + 1):
+        bias = torch.cat([loader.dense(b, dtype) for b in biases]) if biases else None
+        module = model.get_submodule(module_name)
+        if quantized:
+            replacement = loader.quantized_linear(weights, bias, (module.out_features, module.in_features))
+            parent, _, attr = module_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, replacement)
+        else:
+            _fill(module.weight, torch.cat([loader.dense(w, dtype) for w in weights]), weights, gguf)
+            if bias is not None:
+                _fill(module.bias, bias, biases, gguf)
+        _report(progress, done, total)
     if tied:
-        model.lm_head.weight = model.embed_tokens.weight
+        if quantized:
+            model.lm_head = int4_cpu.BF16Linear(model.embed_tokens.weight)
+        else:
+            model.lm_head.weight = model.embed_tokens.weight
 
     unused = sorted(set(gguf.tensors) - loader.consumed)
     if unused:
@@ -94,23 +121,18 @@ def load_model(
     return LoadedModel(model=model.eval(), config=config, tied_embeddings=tied)
 
 
-def _plan(config: ModelConfig, gguf: GGUFFile) -> list[tuple[str, tuple[str, ...]]]:
-    """(parameter, source tensors) for every parameter the model needs, in file terms."""
-    plan = [
-        (param, sources)
-        for param, sources in GLOBAL_TENSORS.items()
-        if not (param == "lm_head.weight" and sources[0] not in gguf.tensors)
-    ]
-    for i in range(config.num_layers):
-        for param, sources in LAYER_TENSORS.items():
-            if param.endswith(".bias") and not config.arch.qkv_bias:
-                continue
-            plan.append((f"layers.{i}.{param}", tuple(f"blk.{i}.{s}" for s in sources)))
-    return plan
+def _fill(param: torch.nn.Parameter, tensor: torch.Tensor, sources: tuple[str, ...], gguf: GGUFFile) -> None:
+    _check_shape(tensor.shape, tuple(param.shape), sources, gguf)
+    param.data = tensor
+
+
+def _report(progress: ProgressCallback | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
 
 
 class _TensorLoader:
-    """Reads one GGUF tensor at a time: raw bytes -> device -> dequantized -> un-permuted."""
+    """Reads one GGUF tensor at a time: raw bytes -> device -> decoded -> Q/K un-permuted."""
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, device: torch.device) -> None:
         self.gguf = gguf
@@ -118,19 +140,54 @@ class _TensorLoader:
         self.device = device
         self.consumed: set[str] = set()
 
-    def load(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        info, raw = self._raw(name)
+        tensor = dequantize(raw, info.ggml_type, info.shape, dtype=torch.float32)
+        return self._unpermute(name, tensor).to(dtype)
+
+    def quantized_linear(
+        self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
+    ) -> torch.nn.Module:
+        """An int4 linear layer when every source is 4-bit, else a bf16 one."""
+        infos = [self._info(w) for w in weights]
+        if not all(info.ggml_type in Q4_TYPES and len(info.shape) == 2 for info in infos):
+            weight = torch.cat([self.dense(w, torch.float32) for w in weights])
+            _check_shape(weight.shape, shape, weights, self.gguf)
+            return int4_cpu.BF16Linear(weight, bias)
+        parts = []
+        for name in weights:
+            info, raw = self._raw(name)
+            parts.append([self._unpermute(name, t) for t in split_q4(raw, info.ggml_type, info.shape)])
+        codes, scale, zero = (torch.cat(column) for column in zip(*parts))
+        _check_shape(codes.shape, shape, weights, self.gguf)
+        return int4_cpu.Int4Linear(codes, scale, zero, bias)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.gguf.tensors.get(name)
         if info is None:
             raise ModelLoadError(f"{self.gguf.path}: required tensor {name!r} is missing")
+        return info
+
+    def _raw(self, name: str) -> tuple[TensorInfo, torch.Tensor]:
+        info = self._info(name)
         self.consumed.add(name)
-        raw = torch.from_numpy(self.gguf.tensor_data(name).copy()).to(self.device)
-        tensor = dequantize(raw, info.ggml_type, info.shape, dtype=torch.float32)
+        return info, torch.from_numpy(self.gguf.tensor_data(name).copy()).to(self.device)
+
+    def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if self.config.arch.qk_permuted:
             if name.endswith("attn_q.weight"):
-                tensor = unpermute_qk(tensor, self.config.num_heads)
-            elif name.endswith("attn_k.weight"):
-                tensor = unpermute_qk(tensor, self.config.num_kv_heads)
-        return tensor.to(dtype)
+                return unpermute_qk(tensor, self.config.num_heads)
+            if name.endswith("attn_k.weight"):
+                return unpermute_qk(tensor, self.config.num_kv_heads)
+        return tensor
+
+
+def _check_shape(actual: torch.Size, expected: tuple[int, ...], sources: tuple[str, ...], gguf: GGUFFile) -> None:
+    if tuple(actual) != expected:
+        raise ModelLoadError(
+            f"{gguf.path}: tensor(s) {', '.join(sources)} have shape {tuple(actual)}, "
+            f"expected {expected} for this model's hyper-parameters"
+        )
 
 
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -23,8 +23,9 @@ from typing import Any, NoReturn
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rocmforge.errors import ChatTemplateError
 
@@ -77,7 +78,7 @@ class _GenerationTag(Extension):
         return nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
 
     def _render_body(self, caller: Any) -> str:
-        return caller()
+        return str(caller())
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):

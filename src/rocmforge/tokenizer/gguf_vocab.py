@@ -47,8 +47,8 @@ def parts_from_gguf_metadata(metadata: Mapping[str, Any]) -> TokenizerParts:
     a key the model type needs is absent, and :class:`TokenizerError` for an unsupported
     model type or inconsistent values (array lengths, merges, special ids).
     """
-    model = md.get_str(metadata, md.MODEL, required=True)
-    builder = _BUILDERS.get(model)  # type: ignore[arg-type]
+    model = md.require_str(metadata, md.MODEL)
+    builder = _BUILDERS.get(model)
     if builder is None:
         raise TokenizerError(
             f"unsupported tokenizer model {model!r} in {md.MODEL!r} "

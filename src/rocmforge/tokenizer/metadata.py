@@ -51,15 +51,19 @@ def _type_error(key: str, expected: str, value: Any) -> TokenizerError:
     )
 
 
-def get_str(metadata: Mapping[str, Any], key: str, *, required: bool = False) -> str | None:
-    """The string under ``key``; ``None`` when absent and not required."""
+def get_str(metadata: Mapping[str, Any], key: str) -> str | None:
+    """The string under ``key``, or ``None`` when absent."""
     value = metadata.get(key)
-    if value is None:
-        if required:
-            raise MissingMetadataError(f"GGUF metadata has no {key!r}", param=key)
-        return None
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise _type_error(key, "a string", value)
+    return value
+
+
+def require_str(metadata: Mapping[str, Any], key: str) -> str:
+    """The string under ``key``; :class:`MissingMetadataError` when absent."""
+    value = get_str(metadata, key)
+    if value is None:
+        raise MissingMetadataError(f"GGUF metadata has no {key!r}", param=key)
     return value
 
 

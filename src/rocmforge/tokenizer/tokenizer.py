@@ -127,10 +127,11 @@ class Tokenizer:
             raise TokenizerError(f"text to encode must be a string, got {type(text).__name__}")
         ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
         if add_special:
-            if self.add_bos:
-                ids.insert(0, self.bos_id)  # type: ignore[arg-type]  # checked in __init__
-            if self.add_eos:
-                ids.append(self.eos_id)  # type: ignore[arg-type]
+            # __init__ guarantees the ids exist when the flags are set
+            if self.add_bos and self.bos_id is not None:
+                ids.insert(0, self.bos_id)
+            if self.add_eos and self.eos_id is not None:
+                ids.append(self.eos_id)
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:

@@ -1,0 +1,1 @@
+"""Matmuls on weights that stay quantized in memory (fewer bytes read per token)."""

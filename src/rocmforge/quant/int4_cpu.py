@@ -1,0 +1,66 @@
+"""CPU linear layers on 4-bit weights, through PyTorch's int4 weight-only matmul kernel.
+
+In: GGUF Q4_0 / Q4_1 / Q4_K weights split into codes and per-32 scale/zero
+(:func:`rocmforge.gguf.dequant.split_q4`). Out: an ``nn.Module`` computing ``x @ W.T + b``
+with ``W`` kept at 4 bits (plus a bf16 scale and zero per 32 weights), so a decode step reads
+about a quarter of the bytes of bf16 weights. Activations enter the kernel in bf16 and the
+result is cast back to the input dtype. The dense reference is ``F.linear`` on the
+dequantized weight; ``tests/quant/test_int4_cpu.py`` compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rocmforge.gguf.dequant import Q4_GROUP
+
+_KERNEL = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+_PACK = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+
+
+def available() -> bool:
+    """Whether this torch build has the CPU int4 kernels (torch >= 2.5)."""
+    return _KERNEL is not None and _PACK is not None
+
+
+class Int4Linear(nn.Module):
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """``codes``: uint8 ``[out, in]`` in 0..15; ``scale``/``zero``: ``[out, in // 32]``
+        with ``w = (code - 8) * scale + zero``."""
+        super().__init__()
+        if _PACK is None:
+            raise RuntimeError("this torch build has no CPU int4 matmul kernel")
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("packed", _PACK(codes.to(torch.int32).contiguous(), 1), persistent=False)
+        # The kernel wants [in // group, out, 2] (scale, zero) in the activation dtype.
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16), persistent=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = _KERNEL(rows, self.packed, Q4_GROUP, self.scales_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+
+class BF16Linear(nn.Module):
+    """A dense linear layer stored in bf16 and fed bf16 activations (half the bytes of fp32)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y + self.bias if self.bias is not None else y
