@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm(default_gguf) -> LLM:
-    return LLM(default_gguf, device="cpu", dtype="float32")
+    return LLM(default_gguf, device="cpu", dtype="float32", weight_format="dense")
 
 
 def _teacher_forced(llm: LLM, case: dict) -> tuple[list[int], list[float]]:

@@ -198,29 +198,15 @@ def _size(n: int) -> str:
 
 
 def main() -> None:
-    """Entry point: run the app, turning errors into one line and an exit code."""
+    """Entry point. Usage errors are reported by typer itself (exit 2); every other error
+    becomes one line on stderr and a documented exit code."""
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(EXIT_RUNTIME)
-    except KeyboardInterrupt:
-        sys.exit(130)
+        app()
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, an exit code
         sys.exit(_report(exc))
 
 
 def _report(exc: Exception) -> int:
-    import click
-
-    if isinstance(exc, click.UsageError):
-        exc.show()
-        return EXIT_USAGE
-    if isinstance(exc, click.ClickException):
-        exc.show()
-        return exc.exit_code
     if _State.debug:
         err.print_exception()
     if isinstance(exc, (ModelNotFoundError, RequestNotFoundError)):

@@ -45,7 +45,8 @@ class IncrementalDetokenizer:
             piece = self._tokenizer.token_bytes(token_id)
         before = len(self.text)
         self.text += self._decoder.decode(piece)
-        if self._stops and self._num_tokens > self._min_tokens:
+        # Like stop tokens (Scheduler._stop_reason): the min_tokens-th token may end it.
+        if self._stops and self._num_tokens >= self._min_tokens:
             # Only a stop string that ends in the new text can be new.
             window = max(0, before - self._hold)
             hits = [(i, s) for s in self._stops if (i := self.text.find(s, window)) >= 0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from rocmforge.engine.detokenizer import IncrementalDetokenizer
+from rocmforge.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from rocmforge.engine.model_runner import ModelRunner
 from rocmforge.engine.request import FinishReason, Request
 from rocmforge.engine.scheduler import Scheduler
@@ -80,18 +80,23 @@ class LLMEngine:
     def _output(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         """Detokenize a request's new token, apply stop strings, and package the step's output."""
         live = self._live[request.request_id]
-        token = request.output_token_ids[-1]
-        update = live.detokenizer.add(token)
+        # ERROR here means the runner gave it no token this step (Scheduler.update).
+        token = None if request.finish_reason is FinishReason.ERROR else request.output_token_ids[-1]
+        update = live.detokenizer.add(token) if token is not None else DetokenizerUpdate("")
         delta = update.delta
         stop_reason: str | int | None = None
-        if update.stop is not None and not request.is_finished:
+        if update.stop is not None:
             stop_reason = update.stop
-            self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+            if not request.is_finished:
+                self.scheduler.finish_request(request.request_id, FinishReason.STOP)
+            elif request.finish_reason is FinishReason.LENGTH:
+                # The same token hit max_tokens: the text ends at the stop string, say so.
+                request.finish_reason = FinishReason.STOP
         elif request.finish_reason is FinishReason.STOP:
             stop_reason = token
         output = RequestOutput(
             request_id=request.request_id,
-            new_token_ids=[token],
+            new_token_ids=[token] if token is not None else [],
             delta_text=delta,
             text=live.detokenizer.text,
             finished=request.is_finished,
@@ -106,6 +111,7 @@ class LLMEngine:
             output.text = live.detokenizer.text
             output.finish_reason = request.finish_reason.value if request.finish_reason else None
             output.stop_reason = stop_reason
+            output.error = request.error
             self._forget(request.request_id)
         return output
 

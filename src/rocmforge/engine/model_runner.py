@@ -100,6 +100,7 @@ class ModelRunner:
                 prompt_ids=[item.request.prompt_token_ids for item, _ in samplers],
                 output_ids=[item.request.output_token_ids for item, _ in samplers],
                 generators=[self._generator(item) for item, _ in samplers],
+                suppressed=[_suppressed(item) for item, _ in samplers],
             )
             sampled = self.sampler(logits, batch)
             tokens = sampled.token_ids.tolist()  # the step's host synchronisation
@@ -153,6 +154,16 @@ class ModelRunner:
                 top = list(zip(top_ids[r], top_values[r])) if top_n else []
                 entries.append(TokenLogprobs(target, chosen[r], top))
             result.prompt_logprobs[request.request_id] = (item.start_pos, entries)
+
+
+def _suppressed(item: ScheduledRequest) -> frozenset[int]:
+    """Stop tokens a request may not draw yet: it has fewer than ``min_tokens`` outputs."""
+    request = item.request
+    params = request.params
+    if request.num_output_tokens >= params.min_tokens:
+        return frozenset()
+    eos = frozenset() if params.ignore_eos else request.eos_token_ids
+    return eos | frozenset(params.stop_token_ids)
 
 
 def _query_ends(scheduled: list[ScheduledRequest]) -> list[int]:

@@ -5,7 +5,8 @@ In: fp32 logits ``[B, vocab]`` for the rows that sample this step, and a
 requests' :class:`~rocmforge.sampling_params.SamplingParams`). Out: one token id per row and,
 when asked, the chosen token's log-probability with the top-n alternatives.
 
-Order of operations (as vLLM/HF): penalties -> greedy argmax or (temperature -> top-k ->
+Order of operations (as vLLM/HF): penalties -> stop tokens masked while a request is
+below its ``min_tokens`` -> greedy argmax or (temperature -> top-k ->
 top-p -> min-p -> draw). Log-probabilities are those of the raw model distribution.
 Random draws use the exponential-race trick (``argmax(p / Exp(1))``, gpt-fast), with a
 per-request ``torch.Generator`` for seeded requests, so a seeded request draws the same
@@ -28,6 +29,8 @@ class SamplingBatch:
     output_ids: list[list[int]]
     generators: list[torch.Generator | None]
     """Per row: the request's own generator when it has a seed, else None."""
+    suppressed: list[frozenset[int]]
+    """Per row: token ids that must not be drawn (stop tokens before ``min_tokens``)."""
 
 
 @dataclass(slots=True)
@@ -45,6 +48,13 @@ class Sampler:
         params = batch.params
         raw_logits = logits
         logits = apply_penalties(logits, batch)
+        if any(batch.suppressed):
+            rows = [i for i, ids in enumerate(batch.suppressed) for _ in ids]
+            cols = [t for ids in batch.suppressed for t in ids]
+            logits = logits.index_put(
+                (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                torch.tensor(float("-inf"), device=logits.device),
+            )
 
         greedy_rows = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)

@@ -1,0 +1,5 @@
+"""``python -m rocmforge.cli``: the same as the ``rocmforge`` command."""
+
+from rocmforge.cli.main import main
+
+main()
