@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     gpu_device: int = Field(default=0, ge=0, description="GPU index used by `auto` and `cuda`.")
     dtype: str = Field(default="auto", description="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
+    weight_format: str = Field(default="dense", description="dense | quantized (CPU: int4/int8 weights)")
     log_level: str = Field(default="warn", description="Level, optionally per module: warn,rocmforge.engine=debug")
     log_format: str = Field(default="human", description="human | json")
 

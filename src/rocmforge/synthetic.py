@@ -219,16 +219,28 @@ def encode_weight(weight: np.ndarray, qtype: GGMLQuantizationType, rng: np.rando
     if qtype == GGMLQuantizationType.F32:
         return weight, weight
     if qtype in _KQUANT_F16_FIELDS:
+        # Random blocks (gguf-py cannot quantize K-quants), with the fp16 super-block scales
+        # then set so the decoded weights have the spread of ``weight``: x is linear in
+        # (d, dmin), so one common factor on both scales x exactly.
         block, type_size = GGML_QUANT_SIZES[qtype]
         rows, cols = weight.shape
         raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
-        scale = (rng.uniform(0.5, 1.0, size=(rows, cols // block)) / np.sqrt(cols) / 8).astype(np.float16)
-        for offset in _KQUANT_F16_FIELDS[qtype]:
-            raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+        unit = np.ones((rows, cols // block), dtype=np.float16)
+        _set_kquant_scales(raw, qtype, unit)
+        spread = float(quants.dequantize(raw.reshape(rows, -1), qtype).std())
+        target = float(weight.std()) / spread
+        _set_kquant_scales(raw, qtype, (rng.uniform(0.5, 1.5, size=unit.shape) * target).astype(np.float16))
         raw = raw.reshape(rows, -1)
     else:
         raw = quants.quantize(weight, qtype)
     return raw, quants.dequantize(raw, qtype).astype(np.float32).reshape(weight.shape)
+
+
+def _set_kquant_scales(raw: np.ndarray, qtype: GGMLQuantizationType, scale: np.ndarray) -> None:
+    """Write ``scale`` (fp16, one per super-block) into every fp16 scale field of ``raw``."""
+    rows, blocks, _ = raw.shape
+    for offset in _KQUANT_F16_FIELDS[qtype]:
+        raw[:, :, offset : offset + 2] = scale.view(np.uint8).reshape(rows, blocks, 2)
 
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -32,7 +32,7 @@ BASE = {
 def test_valid_metadata() -> None:
     config = ModelConfig.from_gguf_metadata(BASE, vocab_size=100)
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (2, 4, 2, 16)
-    assert config.arch.qk_permuted and not config.arch.qkv_bias
+    assert config.arch.rope_interleaved and not config.arch.qkv_bias
 
 
 @pytest.mark.parametrize(

@@ -50,9 +50,9 @@ def test_int4_linear_matches_dense(qtype: Q, tokens: int) -> None:
     assert err < 2e-2, err
 
 
-def test_bf16_linear_matches_dense() -> None:
-    weight, x = torch.randn(64, 128), torch.randn(5, 128)
-    got = int4_cpu.BF16Linear(weight)(x)
-    expected = F.linear(x, weight)
+def test_int8_linear_matches_dense() -> None:
+    weight, x, bias = torch.randn(64, 128), torch.randn(5, 128), torch.randn(64)
+    got = int4_cpu.Int8Linear(weight, bias)(x)
+    expected = F.linear(x, weight, bias)
     assert got.dtype == torch.float32
     assert ((got - expected).abs().max() / expected.abs().max()) < 2e-2

@@ -122,11 +122,14 @@ def generate(
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = None,
+    weight_format: Annotated[
+        str | None, typer.Option("--weight-format", help="dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")
+    ] = None,
 ) -> None:
     """Generate text locally from a GGUF model."""
     from rocmforge.sampling_params import SamplingParams
 
-    settings = load_settings(gguf=gguf, tokenizer=tokenizer, device=device, dtype=dtype)
+    settings = load_settings(gguf=gguf, tokenizer=tokenizer, device=device, dtype=dtype, weight_format=weight_format)
     llm = _load(settings)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if chat:
@@ -154,6 +157,7 @@ def _load(settings: Settings) -> Any:
             device=settings.device,
             gpu_index=settings.gpu_device,
             dtype=settings.dtype,
+            weight_format=settings.weight_format,
             models_dir=settings.models,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )

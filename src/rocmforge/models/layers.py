@@ -1,7 +1,7 @@
 """Building blocks shared by the llama family: RMSNorm, rotary embeddings, linear layers.
 
 Pure torch modules: no file I/O, no environment, no logging. Numerics follow HF
-transformers (norms computed in fp32, RoPE in rotate-half form) so that fp32 logits match it.
+transformers (norms and RoPE computed in fp32) so that fp32 logits match it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the positions of a step, shared by every layer.
+    """Rotation factors ``e^(i * pos * inv_freq)`` for the positions of a step, shared by
+    every layer.
 
     ``inv_freq[i] = theta^(-2i/d) / freq_factor[i]``; llama-3 style scaling supplies the
     per-frequency factors (GGUF tensor ``rope_freqs.weight``), linear scaling divides
@@ -47,21 +49,21 @@ class RotaryEmbedding(nn.Module):
         self.position_scale = position_scale
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each fp32 ``[T, 1, head_dim / 2]``."""
         pos = positions.float()
         if self.position_scale != 1.0:
             pos = pos / self.position_scale
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        freqs = (pos[:, None] * self.inv_freq[None, :]).unsqueeze(1)
+        return freqs.cos(), freqs.sin()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim] (fp32). Rotate-half form."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rotary(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the interleaved pairs ``(a, b) = (x[2i], x[2i+1])`` of x ``[T, heads, head_dim]``:
+    ``(a cos - b sin, b cos + a sin)`` in fp32 — HF's rotate-half arithmetic, operation for
+    operation, on the interleaved layout."""
+    cos, sin = rotation
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2).to(x.dtype)
 
 
 class Embedding(nn.Module):

@@ -1,8 +1,8 @@
 """GGUF tensors -> a ready :class:`LlamaForCausalLM` on the target device.
 
 In: an open :class:`~rocmforge.gguf.GGUFFile`, the device and the compute dtype.
-Out: the model with every parameter filled (dequantized, Q/K rows un-permuted where the
-architecture's converter permuted them, Q/K/V and gate/up fused), plus its config.
+Out: the model with every parameter filled (dequantized, Q/K rows in interleaved-RoPE
+order, Q/K/V and gate/up fused), plus its config.
 
 Which GGUF tensor feeds which parameter is the data table below (gguf-py's names), not code.
 Every missing tensor, unexpected shape or unsupported type is a typed error naming the tensor.
@@ -110,7 +110,7 @@ def load_model(
         _report(progress, done, total)
     if tied:
         if quantized:
-            model.lm_head = int4_cpu.BF16Linear(model.embed_tokens.weight)
+            model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.weight)
         else:
             model.lm_head.weight = model.embed_tokens.weight
 
@@ -132,7 +132,7 @@ def _report(progress: ProgressCallback | None, done: int, total: int) -> None:
 
 
 class _TensorLoader:
-    """Reads one GGUF tensor at a time: raw bytes -> device -> decoded -> Q/K un-permuted."""
+    """Reads one GGUF tensor at a time: raw bytes -> device -> decoded -> Q/K interleaved."""
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, device: torch.device) -> None:
         self.gguf = gguf
@@ -143,21 +143,21 @@ class _TensorLoader:
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         info, raw = self._raw(name)
         tensor = dequantize(raw, info.ggml_type, info.shape, dtype=torch.float32)
-        return self._unpermute(name, tensor).to(dtype)
+        return self._to_interleaved(name, tensor).to(dtype)
 
     def quantized_linear(
         self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
     ) -> torch.nn.Module:
-        """An int4 linear layer when every source is 4-bit, else a bf16 one."""
+        """An int4 linear layer when every source is 4-bit, else an int8 one."""
         infos = [self._info(w) for w in weights]
         if not all(info.ggml_type in Q4_TYPES and len(info.shape) == 2 for info in infos):
             weight = torch.cat([self.dense(w, torch.float32) for w in weights])
             _check_shape(weight.shape, shape, weights, self.gguf)
-            return int4_cpu.BF16Linear(weight, bias)
+            return int4_cpu.Int8Linear(weight, bias)
         parts = []
         for name in weights:
             info, raw = self._raw(name)
-            parts.append([self._unpermute(name, t) for t in split_q4(raw, info.ggml_type, info.shape)])
+            parts.append([self._to_interleaved(name, t) for t in split_q4(raw, info.ggml_type, info.shape)])
         codes, scale, zero = (torch.cat(column) for column in zip(*parts))
         _check_shape(codes.shape, shape, weights, self.gguf)
         return int4_cpu.Int4Linear(codes, scale, zero, bias)
@@ -173,13 +173,13 @@ class _TensorLoader:
         self.consumed.add(name)
         return info, torch.from_numpy(self.gguf.tensor_data(name).copy()).to(self.device)
 
-    def _unpermute(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if self.config.arch.qk_permuted:
-            if name.endswith("attn_q.weight"):
-                return unpermute_qk(tensor, self.config.num_heads)
-            if name.endswith("attn_k.weight"):
-                return unpermute_qk(tensor, self.config.num_kv_heads)
-        return tensor
+    def _to_interleaved(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Q/K rows (weights and biases) of rotate-half architectures -> interleaved pairs."""
+        if self.config.arch.rope_interleaved:
+            return tensor
+        kind = name.split(".")[-2]
+        heads = {"attn_q": self.config.num_heads, "attn_k": self.config.num_kv_heads}.get(kind)
+        return interleave_qk_rows(tensor, heads) if heads else tensor
 
 
 def _check_shape(actual: torch.Size, expected: tuple[int, ...], sources: tuple[str, ...], gguf: GGUFFile) -> None:
@@ -190,16 +190,14 @@ def _check_shape(actual: torch.Size, expected: tuple[int, ...], sources: tuple[s
         )
 
 
-def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's ``permute`` of Q/K rows (interleaved RoPE pairs -> rotate-half halves).
-
-    Per head the converter maps rows ``[x0 .. x(d/2-1) | y0 .. y(d/2-1)]`` to
-    ``[x0 y0 x1 y1 ...]``; this is the inverse. Works on any tensor whose dim 0 is the rows.
-    """
+def interleave_qk_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's ``permute`` of Q/K rows: per head, rotate-half rows
+    ``[x0 .. x(d/2-1) | y0 .. y(d/2-1)]`` become interleaved pairs ``[x0 y0 x1 y1 ...]``.
+    Works on any tensor whose dim 0 is the rows (weights, biases, int4 codes and scales)."""
     rows = weight.shape[0]
     head_dim = rows // num_heads
     return (
-        weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+        weight.reshape(num_heads, 2, head_dim // 2, *weight.shape[1:])
         .transpose(1, 2)
         .reshape(weight.shape)
     )

@@ -6,11 +6,13 @@ architecture name: the loader and the model read these fields.
 
 Differences covered today:
 
-* ``qk_permuted`` — llama.cpp's converter (``convert_hf_to_gguf.py``, ``LlamaModel.permute``)
-  reorders the rows of ``attn_q``/``attn_k`` from HF's rotate-half layout into the interleaved
-  layout that ggml's "normal" RoPE expects. Architectures that llama.cpp runs with NEOX RoPE
-  (qwen2) are stored unpermuted. The loader undoes the permutation, so the model always uses
-  rotate-half RoPE.
+* ``rope_interleaved`` — llama.cpp's converter (``convert_hf_to_gguf.py``,
+  ``LlamaModel.permute``) reorders the rows of ``attn_q``/``attn_k`` from HF's rotate-half
+  layout into the interleaved-pairs layout of ggml's "normal" RoPE. Architectures llama.cpp
+  runs with NEOX RoPE (qwen2) keep HF's rotate-half rows. The model uses interleaved RoPE
+  (a complex multiply per pair, the fewest ops); the loader permutes rotate-half Q/K rows
+  into that layout. Attention is unchanged: Q and K get the same permutation of the head
+  dimension, which leaves every dot product as it was.
 * ``qkv_bias`` — qwen2 has biases on the Q, K and V projections.
 """
 
@@ -24,7 +26,7 @@ from rocmforge.errors import UnsupportedArchitectureError
 @dataclass(frozen=True, slots=True)
 class ArchSpec:
     name: str
-    qk_permuted: bool
+    rope_interleaved: bool
     qkv_bias: bool
     default_rope_theta: float = 10000.0
 
@@ -33,9 +35,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
         # SmolLM and SmolLM2 are stored as "llama".
-        ArchSpec("llama", qk_permuted=True, qkv_bias=False),
-        ArchSpec("mistral", qk_permuted=True, qkv_bias=False),
-        ArchSpec("qwen2", qk_permuted=False, qkv_bias=True, default_rope_theta=1_000_000.0),
+        ArchSpec("llama", rope_interleaved=True, qkv_bias=False),
+        ArchSpec("mistral", rope_interleaved=True, qkv_bias=False),
+        ArchSpec("qwen2", rope_interleaved=False, qkv_bias=True, default_rope_theta=1_000_000.0),
     )
 }
 

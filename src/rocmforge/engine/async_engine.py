@@ -1,0 +1,878 @@
+"""``AsyncEngine``: the synchronous :class:`LLMEngine` behind an asyncio API (the server's engine).
+
+Threads and ownership::
+
+    asyncio event loop(s)                      engine thread ("rocmforge-engine")
+    ─────────────────────                      ─────────────────────────────────────────────
+    submit() / cancel() / call() / shutdown()  owns the LLMEngine: scheduler, block manager,
+        │                                      model runner, detokenizers. Nothing else
+        └──▶ command deque + Condition ──────▶ touches them. Between two steps it handles
+                                               every queued command, then runs one step().
+    RequestStream (asyncio.Queue per request)
+        ◀── loop.call_soon_threadsafe ───────  one callback per event loop per step, carrying
+                                               every output of that step for that loop
+    status() / stats() / num_running ...
+        ◀── immutable snapshots ─────────────  replaced (never mutated) after every command
+                                               batch and every step
+
+Design choice: a **command queue, not a lock**. Every call into the ``LLMEngine`` happens on
+the engine thread, so the scheduler stays single-threaded as it requires. Commands are
+handled between steps: ``submit`` and ``cancel`` wait at most one step for their answer
+(admission errors are raised by ``submit`` itself), and a cancel frees the request's KV
+blocks before the next step. ``status()`` is synchronous and never blocks: it reads the
+snapshots (one :class:`RequestStatus` per request, the queue positions, the scheduler
+stats) that the engine thread publishes; reading a dict entry is atomic under the GIL.
+After each command batch and each step the engine thread publishes the snapshots first,
+then delivers outputs, then answers commands, so whoever got an answer or an output reads
+a status at least that new.
+When there is no work the thread sleeps on the condition (no busy spinning); a command
+wakes it. Torch releases the GIL inside its kernels, so the event loop stays responsive
+while a step runs.
+
+Failure handling:
+
+* ``step()`` raises (model error, device OOM, a bug in one step): the requests that were in
+  the step's batch — the running requests — are finished with ``error`` (their streams get
+  a final output with ``error`` text), the exception is logged, and the engine keeps
+  serving the waiting ones. ``max_consecutive_failures`` failed steps in a row mean the
+  device is broken: the engine is marked dead.
+* A :class:`~rocmforge.errors.RocmForgeError` whose ``is_fatal()`` is true marks the engine
+  dead at once: every live stream gets an ``error`` final output, ``submit`` raises
+  :class:`~rocmforge.errors.EngineDeadError` from then on, ``status`` keeps working.
+
+Consumers that go away cancel their request: ``RequestStream.aclose()`` (also the
+``async with`` exit), cancelling the task that awaits the stream's next output, and the
+stream being garbage collected before its final output.
+
+The ``LLMEngine`` is not thread-safe: while an ``AsyncEngine`` runs, do not drive the same
+engine from elsewhere (e.g. ``LLM.generate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rocmforge.engine.llm_engine import LLMEngine
+from rocmforge.engine.request import FinishReason, Request, RequestState
+from rocmforge.engine.scheduler import FINISHED_HISTORY, Scheduler, SchedulerStats
+from rocmforge.errors import (
+    ConfigError,
+    EngineDeadError,
+    InvalidRequestError,
+    ModelExecutionError,
+    RequestNotFoundError,
+    RocmForgeError,
+)
+from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rocmforge.engine.model_runner import ModelRunner
+    from rocmforge.llm import LLM
+    from rocmforge.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_REQUEST_ID_LENGTH = 256
+SHUTDOWN_GRACE_S = 10.0
+"""How long ``shutdown`` waits beyond its timeout for a step in progress to end."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStatus:
+    """A request's state as of the engine's last step. Timestamps are ``time.monotonic()``."""
+
+    request_id: str
+    state: RequestState
+    """``queued`` | ``prefill`` | ``decode`` | ``finished``."""
+    finish_reason: str | None
+    """``stop`` | ``length`` | ``cancelled`` | ``error`` once finished."""
+    error: str | None
+    queue_position: int | None
+    """0-based place in the waiting queue while queued; ``None`` otherwise."""
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    """Prompt tokens served by the prefix cache at the last admission."""
+    num_preemptions: int
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+
+# --- commands: posted by the asyncio side, handled on the engine thread ---------------------
+
+
+class _Reply:
+    """Resolves an asyncio future from the engine thread, on the future's own loop."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+        self.loop = loop
+        self.future = future
+
+    def ok(self, value: Any) -> None:
+        self._call(_set_result, value)
+
+    def fail(self, exc: BaseException) -> None:
+        self._call(_set_exception, exc)
+
+    def _call(self, fn: Callable[[asyncio.Future[Any], Any], None], arg: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, self.future, arg)
+        except RuntimeError:  # the caller's event loop is closed: nobody waits for this
+            logger.debug("event loop closed, reply dropped")
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class _Sink:
+    """Where one request's outputs go: an asyncio.Queue on the submitter's loop.
+
+    Shared by the engine thread (which only schedules ``put_nowait`` on ``loop``) and the
+    :class:`RequestStream` (which reads it). It holds no reference to the stream, so a
+    stream nobody holds can be garbage collected (and then cancels its request)."""
+
+    __slots__ = ("request_id", "loop", "queue")
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+
+@dataclass(slots=True)
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: _Sink
+    reply: _Reply
+
+
+@dataclass(slots=True)
+class _Cancel:
+    request_id: str
+    reply: _Reply | None
+    quiet: bool = False
+    """Internal cancel (consumer went away): an unknown id is not an error."""
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    reply: _Reply
+
+
+@dataclass(slots=True)
+class _Shutdown:
+    deadline: float
+    reply: _Reply | None
+
+
+_Command = _Submit | _Cancel | _Call | _Shutdown
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-thread bookkeeping of a request whose stream has not had its final output."""
+
+    sink: _Sink
+    text: str = ""
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+class AsyncEngine:
+    """Runs an :class:`LLMEngine` on one background thread and serves it to asyncio code.
+
+    Owns the engine thread, the command queue and the published snapshots; the wrapped
+    ``LLMEngine`` is touched by the engine thread only (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        max_consecutive_failures: int = 3,
+        finished_history: int = FINISHED_HISTORY,
+    ) -> None:
+        if max_consecutive_failures < 1 or finished_history < 1:
+            raise ConfigError("max_consecutive_failures and finished_history must be >= 1")
+        self._engine = engine
+        self._vocab_size: int = engine.runner.model.config.vocab_size
+        self._max_consecutive_failures = max_consecutive_failures
+        self._finished_history = finished_history
+
+        # Shared state, guarded by _cond: the command queue and the lifecycle flags.
+        self._cond = threading.Condition()
+        self._commands: deque[_Command] = deque()
+        self._thread: threading.Thread | None = None
+        self._accepting = True  # False once shutting down or dead
+        self._closed = False  # the thread has exited: commands are answered here
+        self._dead: str | None = None  # why the engine died
+
+        # Engine-thread state (only the engine thread reads or writes these).
+        self._tracked: dict[str, _Tracked] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput]]] = {}
+        self._prev_running: set[str] = set()
+        self._deadline: float | None = None
+        self._shutdown_replies: list[_Reply] = []
+        self._replies: list[tuple[_Reply, bool, Any]] = []  # answers sent by _sync()
+        self._failures_in_a_row = 0
+
+        # Snapshots: written by the engine thread (replaced, never mutated in place except
+        # for single-key dict writes), read by anyone.
+        self._live_status: dict[str, RequestStatus] = {}
+        self._finished_status: OrderedDict[str, RequestStatus] = OrderedDict()
+        self._positions: dict[str, int] = {}
+        self._stats: SchedulerStats = engine.scheduler.get_stats()
+        self._num_steps = 0
+
+    @classmethod
+    def from_llm(cls, llm: LLM, **kwargs: Any) -> AsyncEngine:
+        """Serve the engine of a loaded :class:`~rocmforge.LLM` (do not call ``llm.generate``
+        while this runs)."""
+        return cls(llm.engine, **kwargs)
+
+    @classmethod
+    def from_parts(
+        cls, runner: ModelRunner, tokenizer: Tokenizer, scheduler: Scheduler, **kwargs: Any
+    ) -> AsyncEngine:
+        return cls(LLMEngine(runner, tokenizer, scheduler), **kwargs)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent; the first command starts it too)."""
+        with self._cond:
+            if self._thread is not None:
+                if self._closed:
+                    raise EngineDeadError("the engine was shut down and cannot be restarted")
+                return
+            self._thread = threading.Thread(target=self._run, name="rocmforge-engine", daemon=True)
+            self._thread.start()
+        logger.info("engine thread started")
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds, then
+        cancel the rest and stop the thread. Idempotent."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            self._accepting = False
+            if self._thread is None:
+                self._closed = True
+            if self._closed:
+                return
+            self._commands.append(_Shutdown(time.monotonic() + max(timeout, 0.0), _Reply(loop, future)))
+            self._cond.notify()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.0) + SHUTDOWN_GRACE_S)
+        except asyncio.TimeoutError:
+            logger.error("the engine thread did not stop within %.1f s of the shutdown deadline", SHUTDOWN_GRACE_S)
+            return
+        thread = self._thread
+        if thread is not None:
+            await asyncio.to_thread(thread.join, SHUTDOWN_GRACE_S)
+
+    @property
+    def is_alive(self) -> bool:
+        """False once a fatal error killed the engine (a clean shutdown keeps it True)."""
+        return self._dead is None
+
+    @property
+    def is_running(self) -> bool:
+        """The thread is up and admitting requests."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and self._accepting and not self._closed
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Queue a request; return its stream of outputs.
+
+        Raises the admission errors here (``InvalidRequestError``,
+        ``ContextLengthExceededError``, ``OverloadedError``, ``EngineDeadError``), never later
+        in the stream. Waits at most one engine step for the admission answer."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", param="params")
+        ids = _check_prompt(prompt_token_ids, self._vocab_size)
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID_LENGTH:
+            raise InvalidRequestError(
+                f"request_id must be a non-empty string of at most {MAX_REQUEST_ID_LENGTH} characters",
+                param="request_id",
+            )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        sink = _Sink(request_id, loop)
+        self._post(_Submit(request_id, ids, params, sink, _Reply(loop, future)))
+        try:
+            await future
+        except asyncio.CancelledError:
+            # The submitter went away: the request may have been admitted; nobody will read it.
+            self._post_nowait(_Cancel(request_id, None, quiet=True))
+            raise
+        return RequestStream(self, sink, ids, params)
+
+    async def cancel(self, request_id: str) -> bool:
+        """Finish a request with ``cancelled`` and free its KV blocks before the next step.
+
+        True if it was cancelled; False if it had already finished (idempotent). Unknown ids
+        raise :class:`RequestNotFoundError`."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        if not self._post_nowait(_Cancel(request_id, _Reply(loop, future))):
+            self.status(request_id)  # the engine has stopped: known ids are finished
+            return False
+        return await future
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between two steps and return its result.
+
+        For rare inspection and maintenance (tests, prefix-cache reset); ``fn`` must be quick
+        and must not keep references to engine state."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._post(_Call(fn, _Reply(loop, future)))
+        return await future
+
+    def status(self, request_id: str) -> RequestStatus:
+        """The request's state as of the last step (live or recently finished; never blocks).
+
+        Unknown (or long forgotten) ids raise :class:`RequestNotFoundError`."""
+        status = self._live_status.get(request_id) or self._finished_status.get(request_id)
+        if status is None:
+            raise RequestNotFoundError(f"no request with id {request_id!r}")
+        if status.state is RequestState.QUEUED:
+            status = replace(status, queue_position=self._positions.get(request_id))
+        return status
+
+    # --- stats (snapshots as of the last step) ---------------------------------------------
+
+    def stats(self) -> SchedulerStats:
+        return self._stats
+
+    @property
+    def num_running(self) -> int:
+        return self._stats.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._stats.num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._stats.kv_cache_usage
+
+    @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.scheduler.scheduler_config.max_model_len
+
+    # --- posting commands (any thread) ------------------------------------------------------
+
+    def _post(self, command: _Command) -> None:
+        """Queue a command; when the engine no longer runs, answer it at once."""
+        if not self._post_nowait(command):
+            self._reject(command)
+
+    def _post_nowait(self, command: _Command) -> bool:
+        """Queue a command and wake the thread (starting it on first use); False (nothing
+        queued) once the thread exited."""
+        with self._cond:
+            if self._closed:
+                return False
+            if self._thread is None:
+                self.start()
+            if isinstance(command, _Submit) and not self._accepting:
+                command.reply.fail(self._not_accepting())
+                return True
+            self._commands.append(command)
+            self._cond.notify()
+        return True
+
+    def _not_accepting(self) -> EngineDeadError:
+        if self._dead is not None:
+            return EngineDeadError(f"the engine is dead: {self._dead}")
+        return EngineDeadError("the engine is shutting down")
+
+    def _reject(self, command: _Command) -> None:
+        """Answer a command the engine thread will never handle."""
+        if isinstance(command, (_Submit, _Call)):
+            command.reply.fail(self._not_accepting())
+        elif isinstance(command, _Cancel) and command.reply is not None:
+            known = command.request_id in self._finished_status or command.request_id in self._live_status
+            if known or command.quiet:
+                command.reply.ok(False)
+            else:
+                command.reply.fail(RequestNotFoundError(f"no request with id {command.request_id!r}"))
+        elif isinstance(command, _Shutdown) and command.reply is not None:
+            command.reply.ok(None)
+
+    # --- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._engine
+        try:
+            while True:
+                for command in self._wait_for_work():
+                    self._handle(command)
+                self._sync()
+                if self._deadline is not None and self._drain_done():
+                    break
+                if engine.has_unfinished():
+                    self._step()
+                    self._sync()
+                if self._dead is not None:
+                    break
+        except Exception as exc:  # a bug in this loop: nobody may be left waiting forever
+            logger.exception("the engine loop crashed")
+            self._die(f"engine loop crashed: {type(exc).__name__}: {exc}")
+        finally:
+            self._close()
+
+    def _sync(self) -> None:
+        """Publish the snapshots, then deliver outputs, then answer commands: whoever gets
+        an answer or an output sees a status at least as new."""
+        self._publish()
+        self._flush()
+        self._send_replies()
+
+    def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for reply, ok, value in replies:
+            if ok:
+                reply.ok(value)
+            else:
+                reply.fail(value)
+
+    def _answer(self, reply: _Reply | None, value: Any) -> None:
+        if reply is not None:
+            self._replies.append((reply, True, value))
+
+    def _answer_error(self, reply: _Reply | None, exc: BaseException) -> None:
+        if reply is not None:
+            self._replies.append((reply, False, exc))
+
+    def _wait_for_work(self) -> list[_Command]:
+        with self._cond:
+            # Sleep only when idle; while shutting down, go on to the drain check.
+            while not self._commands and not self._engine.has_unfinished() and self._deadline is None:
+                self._cond.wait()
+            # Swap rather than copy-and-clear: a stream's __del__ may post re-entrantly.
+            commands, self._commands = self._commands, deque()
+        return list(commands)
+
+    def _handle(self, command: _Command) -> None:
+        if isinstance(command, _Submit):
+            self._handle_submit(command)
+        elif isinstance(command, _Cancel):
+            self._handle_cancel(command)
+        elif isinstance(command, _Call):
+            try:
+                self._answer(command.reply, command.fn(self._engine))
+            except Exception as exc:  # handed back to the caller
+                self._answer_error(command.reply, exc)
+        else:
+            if self._deadline is None or command.deadline < self._deadline:
+                self._deadline = command.deadline
+            with self._cond:
+                self._accepting = False
+            if command.reply is not None:
+                self._shutdown_replies.append(command.reply)
+            logger.info("shutting down: %d requests in flight", len(self._tracked))
+
+    def _handle_submit(self, command: _Submit) -> None:
+        rid = command.request_id
+        if not self._accepting:
+            self._answer_error(command.reply, self._not_accepting())
+            return
+        try:
+            request = self._engine.add_request(rid, command.prompt_token_ids, command.params)
+        except RocmForgeError as exc:
+            self._answer_error(command.reply, exc)
+            return
+        except Exception as exc:  # not the request's fault: report as a server error
+            logger.exception("add_request failed for %s", rid)
+            self._answer_error(command.reply, ModelExecutionError(f"could not queue the request: {exc}"))
+            return
+        self._tracked[rid] = _Tracked(command.sink)
+        self._finished_status.pop(rid, None)  # a finished id may be reused
+        self._live_status[rid] = _snapshot(request)
+        self._answer(command.reply, None)
+
+    def _handle_cancel(self, command: _Cancel) -> None:
+        rid = command.request_id
+        try:
+            request = self._engine.scheduler.get_request(rid)
+        except RequestNotFoundError as exc:
+            if command.quiet:
+                self._answer(command.reply, False)
+            else:
+                self._answer_error(command.reply, exc)
+            return
+        cancelled = not request.is_finished
+        if cancelled:
+            self._abort(rid, FinishReason.CANCELLED)
+            logger.debug("cancelled %s", rid)
+        self._answer(command.reply, cancelled)
+
+    def _drain_done(self) -> bool:
+        """While shutting down: True when nothing is left or the deadline passed (then the
+        rest is cancelled)."""
+        if not self._engine.has_unfinished():
+            return True
+        if self._deadline is None or time.monotonic() < self._deadline:
+            return False
+        logger.warning("shutdown deadline reached: cancelling %d requests", len(self._tracked))
+        for rid in list(self._tracked):
+            self._abort(rid, FinishReason.CANCELLED)
+        self._sync()
+        return True
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            if isinstance(exc, RocmForgeError) and exc.is_fatal():
+                logger.exception("fatal engine error")
+                self._die(f"{type(exc).__name__}: {exc}")
+                return
+            self._failures_in_a_row += 1
+            logger.exception(
+                "engine step failed (%d in a row): failing the requests in its batch", self._failures_in_a_row
+            )
+            if self._failures_in_a_row >= self._max_consecutive_failures:
+                self._die(f"{self._failures_in_a_row} engine steps failed in a row; last: {type(exc).__name__}: {exc}")
+                return
+            self._fail_batch(f"{type(exc).__name__}: {exc}")
+            return
+        self._failures_in_a_row = 0
+        self._num_steps += 1
+        for output in outputs:
+            tracked = self._tracked.get(output.request_id)
+            if tracked is None:
+                continue  # not one of ours
+            tracked.text = output.text
+            self._send(tracked.sink, output)
+            if output.finished:
+                self._finalize(output.request_id)
+
+    def _fail_batch(self, error: str) -> None:
+        """After a failed step: the running requests were its batch (a superset only when the
+        token budget cut the running list short). Requests that finished inside the failed
+        step lost their last output: they are reported as failed too."""
+        scheduler = self._engine.scheduler
+        for rid in list(self._tracked):
+            state = scheduler.get_request(rid).state
+            if state is not RequestState.QUEUED:
+                self._abort(rid, FinishReason.ERROR, error)
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead and end every live request with an error."""
+        with self._cond:
+            self._dead = reason
+            self._accepting = False
+        error = f"the engine died: {reason}"
+        for rid in list(self._tracked):
+            try:
+                self._abort(rid, FinishReason.ERROR, error)
+            except Exception:  # the engine state may be broken: still end the stream
+                logger.exception("could not abort %s", rid)
+                tracked = self._tracked.pop(rid)
+                self._send(tracked.sink, _final(rid, tracked.text, FinishReason.ERROR, error))
+        self._flush()
+
+    def _abort(self, rid: str, reason: FinishReason, error: str | None = None) -> None:
+        """Finish a live request now (frees its KV blocks) and end its stream."""
+        self._engine.abort(rid, reason)
+        request = self._engine.scheduler.get_request(rid)
+        tracked = self._tracked.get(rid)
+        if tracked is not None:
+            output = _final(rid, tracked.text, reason, error)
+            output.num_prompt_tokens = request.num_prompt_tokens
+            output.num_output_tokens = request.num_output_tokens
+            self._send(tracked.sink, output)
+        self._finalize(rid, reason, error)
+
+    def _finalize(self, rid: str, reason: FinishReason | None = None, error: str | None = None) -> None:
+        """The request's final output is sent: move its status to the finished history.
+        ``reason`` overrides the scheduler's when they differ (a request that finished inside
+        a failed step is reported as failed, as its stream saw)."""
+        self._tracked.pop(rid, None)
+        status = _snapshot(self._engine.scheduler.get_request(rid), error)
+        if reason is not None and status.finish_reason != reason.value:
+            status = replace(status, finish_reason=reason.value)
+        self._finished_status[rid] = status
+        self._finished_status.move_to_end(rid)
+        self._live_status.pop(rid, None)
+        if len(self._finished_status) > self._finished_history:
+            self._finished_status.popitem(last=False)
+
+    def _send(self, sink: _Sink, output: RequestOutput) -> None:
+        self._outbox.setdefault(sink.loop, []).append((sink, output))
+
+    def _flush(self) -> None:
+        """Deliver the queued outputs: one callback per event loop. Streams whose loop is
+        closed have no reader left: their requests are cancelled."""
+        while self._outbox:
+            outbox, self._outbox = self._outbox, {}
+            orphans: list[str] = []
+            for loop, items in outbox.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:
+                    orphans.extend(sink.request_id for sink, out in items if not out.finished)
+            for rid in orphans:
+                if rid in self._tracked:
+                    logger.info("event loop of %s is closed: cancelling it", rid)
+                    self._abort(rid, FinishReason.CANCELLED)
+
+    def _publish(self) -> None:
+        """Refresh the snapshots: running requests, those that left ``running`` since the
+        last publish (preempted), queue positions and scheduler stats."""
+        scheduler = self._engine.scheduler
+        running: set[str] = set()
+        for request in scheduler.running:
+            rid = request.request_id
+            running.add(rid)
+            if rid in self._tracked:
+                self._live_status[rid] = _snapshot(request)
+        for rid in self._prev_running - running:
+            if rid in self._tracked:
+                self._live_status[rid] = _snapshot(scheduler.get_request(rid))
+        self._prev_running = running
+        self._positions = {r.request_id: i for i, r in enumerate(scheduler.waiting)} if scheduler.waiting else {}
+        self._stats = scheduler.get_stats()
+
+    def _close(self) -> None:
+        """The thread's last act: refuse further commands and answer the queued ones."""
+        with self._cond:
+            self._closed = True
+            self._accepting = False
+            commands, self._commands = self._commands, deque()
+        self._publish_stopped()
+        self._send_replies()
+        for command in commands:
+            self._reject(command)
+        for reply in self._shutdown_replies:
+            reply.ok(None)
+        logger.info("engine thread stopped%s", f" (dead: {self._dead})" if self._dead else "")
+
+    def _publish_stopped(self) -> None:
+        try:
+            self._publish()
+        except Exception:  # best effort: the engine may be in a broken state
+            logger.exception("could not publish the final snapshots")
+
+
+# --- the stream ---------------------------------------------------------------------------------
+
+
+class RequestStream:
+    """Async iterator of one request's :class:`RequestOutput` deltas, ending after the
+    finished output (``finish_reason`` ``stop`` | ``length`` | ``cancelled`` | ``error``).
+
+    Owned by the consumer, on the event loop that called ``submit``. Leaving early cancels
+    the request: ``aclose()`` / ``async with`` exit, dropping the stream, or cancelling the
+    task that awaits the next output (so ``asyncio.wait_for(stream.__anext__(), t)`` timing
+    out cancels it too)."""
+
+    def __init__(
+        self, engine: AsyncEngine, sink: _Sink, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._prompt_token_ids = prompt_token_ids
+        self._params = params
+        self._closed = False
+        self._final: RequestOutput | None = None
+        self._token_ids: list[int] = []
+        self._text = ""
+        self._logprobs: list[TokenLogprobs] = []
+        self._prompt_logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self._sink.request_id
+
+    @property
+    def finished(self) -> bool:
+        """The final output was received."""
+        return self._final is not None
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._final is not None or self._closed:
+            raise StopAsyncIteration
+        try:
+            output = await self._sink.queue.get()
+        except asyncio.CancelledError:
+            self._abandon()
+            raise
+        self._token_ids.extend(output.new_token_ids)
+        self._text = output.text
+        self._logprobs.extend(output.new_logprobs)
+        if output.prompt_logprobs is not None:
+            self._prompt_logprobs = output.prompt_logprobs
+        if output.finished:
+            self._final = output
+        return output
+
+    async def result(self) -> Completion:
+        """Read the rest of the stream and return the whole completion.
+
+        Raises :class:`EngineDeadError` / :class:`ModelExecutionError` if the request failed;
+        a cancelled request returns with ``finish_reason == "cancelled"``."""
+        async for _ in self:
+            pass
+        final = self._final
+        if final is None:  # closed early: the request was cancelled
+            text, reason, stop_reason = self._text, FinishReason.CANCELLED.value, None
+        else:
+            if final.finish_reason == FinishReason.ERROR.value:
+                error_type = ModelExecutionError if self._engine.is_alive else EngineDeadError
+                raise error_type(final.error or "the request failed")
+            text, reason, stop_reason = final.text, final.finish_reason or "stop", final.stop_reason
+        return Completion(
+            request_id=self.request_id,
+            prompt_token_ids=self._prompt_token_ids,
+            token_ids=self._token_ids,
+            text=text,
+            finish_reason=reason,
+            logprobs=self._logprobs if self._params.logprobs is not None else None,
+            prompt_logprobs=self._prompt_logprobs,
+            stop_reason=stop_reason,
+        )
+
+    async def cancel(self) -> bool:
+        """Cancel the request; the stream still ends with its ``cancelled`` output."""
+        return await self._engine.cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        """Stop reading: cancels the request (and waits for that) unless it has finished."""
+        if self._final is None and not self._closed:
+            self._closed = True
+            try:
+                await self._engine.cancel(self.request_id)
+            except RequestNotFoundError:  # forgotten already: nothing to cancel
+                pass
+        self._closed = True
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def _abandon(self) -> None:
+        """The consumer went away without awaiting: cancel without waiting for the answer."""
+        if self._final is None and not self._closed:
+            self._closed = True
+            self._engine._post_nowait(_Cancel(self.request_id, None, quiet=True))
+
+    def __del__(self) -> None:
+        self._abandon()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def _deliver(items: list[tuple[_Sink, RequestOutput]]) -> None:
+    """Runs on the consumer's event loop."""
+    for sink, output in items:
+        sink.queue.put_nowait(output)
+
+
+def _final(rid: str, text: str, reason: FinishReason, error: str | None) -> RequestOutput:
+    """The last output of a request the engine ended (cancel, error): no new tokens."""
+    return RequestOutput(
+        request_id=rid,
+        new_token_ids=[],
+        delta_text="",
+        text=text,
+        finished=True,
+        finish_reason=reason.value,
+        error=error,
+    )
+
+
+def _snapshot(request: Request, error: str | None = None) -> RequestStatus:
+    return RequestStatus(
+        request_id=request.request_id,
+        state=request.state,
+        finish_reason=request.finish_reason.value if request.finish_reason else None,
+        error=error or request.error,
+        queue_position=None,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_output_tokens=request.num_output_tokens,
+        num_cached_tokens=request.num_cached_tokens,
+        num_preemptions=request.num_preemptions,
+        arrival_time=request.arrival_time,
+        first_scheduled_time=request.first_scheduled_time,
+        first_token_time=request.first_token_time,
+        finished_time=request.finished_time,
+    )
+
+
+def _check_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """A copy of the prompt as a list of ints in ``[0, vocab_size)`` (an id out of range
+    would crash the embedding lookup on the device)."""
+    if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+        raise InvalidRequestError("the prompt must be a list of token ids", param="prompt")
+    ids = list(prompt_token_ids)
+    for token in ids:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise InvalidRequestError("the prompt must be a list of token ids", param="prompt")
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(
+                f"token id {token} is outside the vocabulary [0, {vocab_size})", param="prompt"
+            )
+    return ids

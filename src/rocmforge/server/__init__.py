@@ -1,0 +1,1 @@
+"""The HTTP server: native and OpenAI-compatible routes over the :class:`AsyncEngine`."""

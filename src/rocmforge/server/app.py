@@ -1,0 +1,83 @@
+"""The FastAPI application: routes, error handlers, middleware, probes and metrics.
+
+In: a started :class:`AsyncEngine` and the server's configuration (:class:`ServerState`).
+Out: an ASGI app. Building the engine and running uvicorn is :mod:`rocmforge.server.serve`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from rocmforge import __version__
+from rocmforge.server import native, openai_api
+from rocmforge.server.errors import install_error_handlers
+from rocmforge.server.metrics import make_registry, render
+from rocmforge.server.middleware import RequestContextMiddleware
+from rocmforge.server.state import ServerState
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(
+        title="rocmforge",
+        version=__version__,
+        description="LLM inference server for GGUF models: native and OpenAI-compatible APIs.",
+    )
+    app.state.rocmforge = state
+    registry = make_registry(state)
+    install_error_handlers(app)
+    app.include_router(native.router)
+    app.include_router(openai_api.router)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        engine = state.engine
+        alive = engine.is_alive
+        body: dict[str, Any] = {
+            "status": "ok" if alive else "dead",
+            "version": __version__,
+            "model": state.config.model_name,
+            "checks": {
+                "engine_loop": "alive" if alive else f"dead: {engine.dead_reason}",
+                "model_loaded": True,
+                "kv_cache_usage": engine.kv_cache_usage,
+            },
+        }
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        engine = state.engine
+        reason = None
+        if not engine.is_alive:
+            reason = "engine is dead"
+        elif state.draining:
+            reason = "draining: shutting down"
+        elif not state.ready:
+            reason = "warming up"
+        elif not engine.is_running:
+            reason = "engine is not running"
+        elif engine.num_waiting >= engine.max_waiting:
+            reason = "queue is full"
+        status = 200 if reason is None else 503
+        return JSONResponse({"ready": reason is None, "reason": reason}, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=state.config.max_body_bytes, api_key=state.config.api_key
+    )
+    if state.config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+        )
+    return app

@@ -1,0 +1,168 @@
+"""Request and response bodies of the HTTP API (pydantic models).
+
+Flows in: JSON bodies of the native (``/generate``) and OpenAI-compatible (``/v1/...``)
+routes. Flows out: :class:`~rocmforge.sampling_params.SamplingParams` built from them
+(``to_sampling_params``), and the response bodies. Unknown fields are rejected (a typo in a
+parameter name must not silently do nothing); numbers must be finite; every bound that
+``SamplingParams`` checks is checked again there, so both paths share one set of rules.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from rocmforge.sampling_params import MAX_LOGPROBS, SamplingParams
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+MAX_STOP_STRINGS = 16
+MAX_N = 16
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _SamplingFields(_Strict):
+    """Sampling fields shared by every generation route (vLLM's names and meanings)."""
+
+    temperature: FiniteFloat | None = None
+    top_p: FiniteFloat | None = None
+    top_k: StrictInt | None = None
+    min_p: FiniteFloat | None = None
+    repetition_penalty: FiniteFloat | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: StrictInt | None = None
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        fields = self.model_dump(
+            include={
+                "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty", "seed", "stop_token_ids", "ignore_eos", "min_tokens",
+            },
+            exclude_none=True,
+        )
+        if self.stop is not None:
+            fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        return fields
+
+
+# --- native API -------------------------------------------------------------------------
+
+
+class GenerateRequest(_SamplingFields):
+    prompt: StrictStr | TokenIds
+    max_tokens: StrictInt = 64
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    add_special_tokens: bool = True
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, str) and not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, logprobs=self.logprobs, **self.sampling_kwargs())
+
+
+class Timings(BaseModel):
+    queue_ms: float | None
+    prefill_ms: float | None
+    decode_ms: float | None
+    time_to_first_token_ms: float | None
+    total_ms: float | None
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    text: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: str
+    stop_reason: str | int | None = None
+    logprobs: list[dict[str, Any]] | None = None
+    timings: Timings
+
+
+# --- OpenAI-compatible API ------------------------------------------------------------
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    model: StrictStr | None = None
+    prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)]
+    max_tokens: StrictInt | None = 16
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+    user: StrictStr | None = None
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling_kwargs())
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: StrictStr | list[TextPart]
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    user: StrictStr | None = None
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self.sampling_kwargs())
+
+
+class TokenizeRequest(_Strict):
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    model: StrictStr | None = None
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+    model: StrictStr | None = None

@@ -1,0 +1,35 @@
+"""What the routes share: the engine, the tokenizer, the server's configuration."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rocmforge.engine.async_engine import AsyncEngine
+from rocmforge.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    model_name: str
+    """The id clients use in ``model`` fields and see in ``/models``."""
+    api_key: str | None = None
+    """When set, every route but ``/health`` needs ``Authorization: Bearer <key>``."""
+    cors_origins: tuple[str, ...] = ()
+    """Allowed CORS origins; empty disables CORS."""
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 256
+    """``max_tokens`` of OpenAI requests that leave it out (capped by the context left)."""
+
+
+@dataclass(slots=True)
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    config: ServerConfig
+    model_path: str
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    """A warm-up request has run: the server answers real requests at full speed."""
+    draining: bool = False
+    """Shutting down: admission is closed."""

@@ -1,0 +1,107 @@
+"""Helpers shared by the routes: submitting, awaiting with disconnect detection, SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import Request
+
+from rocmforge.engine.async_engine import AsyncEngine, RequestStatus, RequestStream
+from rocmforge.errors import EngineDeadError
+from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.sampling_params import SamplingParams
+from rocmforge.server.state import ServerState
+
+DISCONNECT_POLL_S = 0.2
+
+
+async def submit(state: ServerState, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
+    if state.draining:
+        raise EngineDeadError("the server is shutting down and accepts no new requests")
+    return await state.engine.submit(prompt_ids, params, request_id=request_id)
+
+
+async def results_or_disconnect(request: Request, streams: list[RequestStream]) -> list[Completion] | None:
+    """Wait for every stream's completion; if the client goes away first, cancel them all
+    and return None."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(s.result() for s in streams)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return gathered.result()
+            if await request.is_disconnected():
+                gathered.cancel()
+                for stream in streams:
+                    await stream.aclose()
+                return None
+    finally:
+        if not gathered.done():
+            gathered.cancel()
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several streams' outputs as they come, tagged with the stream's index."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        async for output in stream:
+            await queue.put((index, output))
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            yield index, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+def sse(data: Any, event: str | None = None) -> str:
+    prefix = f"event: {event}\n" if event else ""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"{prefix}data: {payload}\n\n"
+
+
+def timings(status: RequestStatus) -> dict[str, float | None]:
+    """Per-phase durations in milliseconds from a request's monotonic timestamps."""
+
+    def ms(start: float | None, end: float | None) -> float | None:
+        return round((end - start) * 1000, 3) if start is not None and end is not None else None
+
+    return {
+        "queue_ms": ms(status.arrival_time, status.first_scheduled_time),
+        "prefill_ms": ms(status.first_scheduled_time, status.first_token_time),
+        "decode_ms": ms(status.first_token_time, status.finished_time),
+        "time_to_first_token_ms": ms(status.arrival_time, status.first_token_time),
+        "total_ms": ms(status.arrival_time, status.finished_time),
+    }
+
+
+def logprob_entries(tokenizer: Any, entries: Sequence[TokenLogprobs]) -> list[dict[str, Any]]:
+    """Native-API logprobs: one object per token with its text and the top alternatives."""
+    return [
+        {
+            "token_id": e.token_id,
+            "token": tokenizer.decode([e.token_id]),
+            "logprob": e.logprob,
+            "top": [{"token_id": t, "token": tokenizer.decode([t]), "logprob": lp} for t, lp in e.top],
+        }
+        for e in entries
+    ]
+
+
+def now() -> int:
+    return int(time.time())
