@@ -58,6 +58,7 @@ class LLM:
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
+        max_waiting: int = 1024,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         progress: ProgressCallback | None = None,
@@ -96,7 +97,8 @@ class LLM:
         scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max(max_num_batched_tokens, 1),
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_waiting=max_waiting,
                 max_model_len=context,
             ),
             CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),

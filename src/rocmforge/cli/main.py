@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True)
@@ -38,6 +39,8 @@ err = Console(stderr=True)
 
 class _State:
     debug = False
+    host: str | None = None
+    api_key: str | None = None
 
 
 def _version(value: bool) -> None:
@@ -49,11 +52,19 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Server URL for client commands [env: ROCMFORGE_HOST].")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Bearer key for the server [env: ROCMFORGE_API_KEY].")
+    ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     _State.debug = debug
+    _State.host = host
+    _State.api_key = api_key
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -126,9 +137,14 @@ def generate(
         str | None, typer.Option("--weight-format", help="dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")
     ] = None,
 ) -> None:
-    """Generate text locally from a GGUF model."""
+    """Generate text: through the server (--host), or locally when --gguf names a model."""
     from rocmforge.sampling_params import SamplingParams
 
+    if gguf is None:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
+                "top_p": top_p, "seed": seed}
+        _generate_remote(body, chat=chat, stream=stream)
+        return
     settings = load_settings(gguf=gguf, tokenizer=tokenizer, device=device, dtype=dtype, weight_format=weight_format)
     llm = _load(settings)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -143,15 +159,152 @@ def generate(
     out.print(completion.text, markup=False, highlight=False, soft_wrap=True)
 
 
-def _load(settings: Settings) -> Any:
-    """Load the model with a progress bar on stderr."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+@app.command()
+def serve(
+    gguf: Annotated[str | None, typer.Option("--gguf", help="GGUF file or known model name [env: ROCMFORGE_GGUF].")] = None,
+    addr: Annotated[str | None, typer.Option("--addr", help="HOST:PORT to bind [env: ROCMFORGE_ADDR; default 127.0.0.1:8080].")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF tokenizer.json override [env: ROCMFORGE_TOKENIZER].")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Require this Bearer key [env: ROCMFORGE_API_KEY].")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 [env: ROCMFORGE_DTYPE].")] = None,
+    weight_format: Annotated[str | None, typer.Option("--weight-format", help="dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="Most requests decoded together [env: ROCMFORGE_MAX_NUM_SEQS].")] = None,
+    max_waiting: Annotated[int | None, typer.Option("--max-waiting", help="Queue capacity; beyond it 429 [env: ROCMFORGE_MAX_WAITING].")] = None,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Context window [env: ROCMFORGE_MAX_MODEL_LEN].")] = None,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="Model id shown to clients [env: ROCMFORGE_MODEL_NAME].")] = None,
+) -> None:
+    """Serve a model over HTTP (native and OpenAI-compatible APIs)."""
+    from rocmforge.server.serve import Address, build_state
+    from rocmforge.server.serve import serve as run_server
 
-    from rocmforge.llm import LLM
+    settings = load_settings(
+        gguf=gguf, addr=addr, tokenizer=tokenizer, api_key=api_key or _State.api_key, device=device, dtype=dtype,
+        weight_format=weight_format, max_num_seqs=max_num_seqs, max_waiting=max_waiting, max_model_len=max_model_len,
+        model_name=model_name,
+    )
+    address = Address.parse(settings.addr)
+    state = _with_progress(lambda progress: build_state(settings, progress))
+    err.print(f"serving {state.config.model_name} on http://{address.host}:{address.port}")
+    run_server(state, address)
+
+
+@app.command()
+def status(request_id: Annotated[str, typer.Argument(help="Request id.")]) -> None:
+    """Show a request's state on the server."""
+    out.print_json(json.dumps(_http("GET", f"/status/{request_id}")))
+
+
+@app.command()
+def cancel(request_id: Annotated[str, typer.Argument(help="Request id.")]) -> None:
+    """Cancel a request on the server (idempotent)."""
+    out.print_json(json.dumps(_http("POST", f"/cancel/{request_id}")))
+
+
+def _client() -> Any:
+    import httpx
+
+    settings = load_settings()
+    key = _State.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=_State.host or settings.host, headers=headers, timeout=httpx.Timeout(600, connect=5))
+
+
+def _http(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import httpx
+
+    try:
+        with _client() as client:
+            response = client.request(method, path, json=body)
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"cannot reach the server at {_State.host or load_settings().host}: {exc}") from exc
+    return _checked(response)
+
+
+def _checked(response: Any) -> Any:
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {}
+    if response.status_code >= 400:
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        message = error.get("message") or response.text or response.reason_phrase
+        if response.status_code == 404:
+            raise RequestNotFoundError(message)
+        raise RemoteError(f"server answered {response.status_code}: {message}")
+    return payload
+
+
+def _generate_remote(body: dict[str, Any], *, chat: bool, stream: bool) -> None:
+    """Generate through the server: native /generate(/stream), or the chat endpoint."""
+    import httpx
+
+    if chat:
+        prompt = body.pop("prompt")
+        body = {**body, "messages": [{"role": "user", "content": prompt}], "stream": stream}
+    try:
+        with _client() as client:
+            if not stream:
+                result = _checked(client.post("/v1/chat/completions" if chat else "/generate", json=body))
+                text = result["choices"][0]["message"]["content"] if chat else result["text"]
+                out.print(text, markup=False, highlight=False, soft_wrap=True)
+                return
+            path = "/v1/chat/completions" if chat else "/generate/stream"
+            with client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _checked(response)
+                for delta in _sse_deltas(response.iter_lines(), chat=chat):
+                    out.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+                out.print()
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"cannot reach the server at {_State.host or load_settings().host}: {exc}") from exc
+
+
+def _sse_deltas(lines: Any, *, chat: bool) -> Any:
+    """Text deltas from a native (``event: delta``) or OpenAI chat (``data: chunk``) stream."""
+    event = None
+    for line in lines:
+        if line.startswith("event:"):
+            event = line[6:].strip()
+            continue
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        data = json.loads(payload)
+        if "error" in data:
+            raise RemoteError(data["error"]["message"])
+        if chat:
+            for choice in data.get("choices", []):
+                yield choice.get("delta", {}).get("content") or ""
+        elif event == "delta":
+            yield data["delta"]
+
+
+class ServerUnreachable(RocmForgeError):
+    code = "server_unreachable"
+
+
+class RemoteError(RocmForgeError):
+    code = "remote_error"
+
+
+def _with_progress(build: Any) -> Any:
+    """Run ``build(progress_callback)`` under a model-loading progress bar on stderr."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("loading model"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("load", total=None)
-        llm = LLM(
+        return build(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _load(settings: Settings) -> Any:
+    """Load the model with a progress bar on stderr."""
+    from rocmforge.llm import LLM
+
+    return _with_progress(
+        lambda progress: LLM(
             settings.gguf,
             tokenizer=settings.tokenizer,
             device=settings.device,
@@ -159,9 +312,9 @@ def _load(settings: Settings) -> Any:
             dtype=settings.dtype,
             weight_format=settings.weight_format,
             models_dir=settings.models,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            progress=progress,
         )
-    return llm
+    )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -213,6 +366,9 @@ def main() -> None:
 def _report(exc: Exception) -> int:
     if _State.debug:
         err.print_exception()
+    if isinstance(exc, ServerUnreachable):
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        return EXIT_UNREACHABLE
     if isinstance(exc, (ModelNotFoundError, RequestNotFoundError)):
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return EXIT_NOT_FOUND

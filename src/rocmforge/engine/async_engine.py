@@ -409,6 +409,11 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self._engine.scheduler.scheduler_config.max_model_len
 
+    @property
+    def max_waiting(self) -> int:
+        """Capacity of the waiting queue; a submit beyond it raises ``OverloadedError``."""
+        return self._engine.scheduler.scheduler_config.max_waiting
+
     # --- posting commands (any thread) ------------------------------------------------------
 
     def _post(self, command: _Command) -> None:

@@ -6,6 +6,9 @@ Out: an ASGI app. Building the engine and running uvicorn is :mod:`rocmforge.ser
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,14 +21,33 @@ from rocmforge.server import native, openai_api
 from rocmforge.server.errors import install_error_handlers
 from rocmforge.server.metrics import make_registry, render
 from rocmforge.server.middleware import RequestContextMiddleware
+from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.state import ServerState
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        if state.config.warmup:
+            await _warm_up(state)
+        state.ready = True
+        logger.info("ready: serving %s", state.config.model_name)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.draining = True
+            logger.info("draining: in-flight requests get %.0f s", state.config.shutdown_timeout)
+            await state.engine.shutdown(timeout=state.config.shutdown_timeout)
+
     app = FastAPI(
         title="rocmforge",
         version=__version__,
         description="LLM inference server for GGUF models: native and OpenAI-compatible APIs.",
+        lifespan=lifespan,
     )
     app.state.rocmforge = state
     registry = make_registry(state)
@@ -81,3 +103,10 @@ def create_app(state: ServerState) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
         )
     return app
+
+
+async def _warm_up(state: ServerState) -> None:
+    """One short generation through the whole path (allocations, first-call overheads)."""
+    ids = state.tokenizer.encode("Hello", add_special=True) or [0]
+    stream = await state.engine.submit(ids, SamplingParams(max_tokens=2, temperature=0.0), request_id="warmup")
+    await stream.result()

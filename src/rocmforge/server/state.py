@@ -20,6 +20,10 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256
     """``max_tokens`` of OpenAI requests that leave it out (capped by the context left)."""
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
+    warmup: bool = True
+    """Run one short generation at start-up before reporting ready."""
 
 
 @dataclass(slots=True)
