@@ -174,7 +174,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gguf", default=None, help="GGUF path or known model name (default: the default model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
-    parser.add_argument("--weight-format", default="auto", choices=["auto", "dense", "quantized"])
+    parser.add_argument("--weight-format", default="dense", choices=["dense", "quantized"])
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)

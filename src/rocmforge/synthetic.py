@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
+from gguf import constants as gguf_constants
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CHATML_TEMPLATE = (
@@ -54,6 +55,10 @@ class SyntheticSpec:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     qkv_bias: bool = False
+    rope_scaling: dict | None = None
+    """HF ``rope_scaling``: ``{"rope_type": "linear", "factor": f}`` or llama-3 style
+    ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}``."""
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +77,7 @@ class SyntheticSpec:
             rope_theta=self.rope_theta,
             rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_embeddings,
+            rope_scaling=self.rope_scaling,
         )
 
 
@@ -140,11 +146,37 @@ def write_gguf(
         raw, decoded = encode_weight(stored, qtype, rng)
         writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
         held[hf_name] = _unpermute(decoded, heads) if permute and heads else decoded
+    if spec.rope_scaling and spec.rope_scaling["rope_type"] == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(spec))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return held
+
+
+def llama3_rope_factors(spec: SyntheticSpec) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for llama-3 RoPE scaling."""
+    scaling = spec.rope_scaling or {}
+    dim = spec.head_dim
+    freqs = 1.0 / (spec.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor = scaling["factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    low_wavelen = old_context / scaling["low_freq_factor"]
+    high_wavelen = old_context / scaling["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - scaling["low_freq_factor"]) / (
+                scaling["high_freq_factor"] - scaling["low_freq_factor"]
+            )
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)
 
 
 def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
@@ -158,6 +190,9 @@ def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
     writer.add_rope_freq_base(spec.rope_theta)
     writer.add_layer_norm_rms_eps(spec.rms_norm_eps)
     writer.add_rope_dimension_count(spec.head_dim)
+    if spec.rope_scaling and spec.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf_constants.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(spec.rope_scaling["factor"])
     tokens, merges = _vocabulary(spec.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")

@@ -56,6 +56,17 @@ CASES = {
                 "ffn_down.weight": Q.Q6_K}),
     ),
     "qwen2-bias": (SyntheticSpec(arch="qwen2", qkv_bias=True, rope_theta=1_000_000.0), _types({})),
+    "llama-linear-rope-scaling": (
+        SyntheticSpec(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}), _types({})
+    ),
+    "llama3-rope-scaling": (
+        SyntheticSpec(
+            arch="llama", hidden_size=128, num_heads=2, num_kv_heads=1, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        ),
+        _types({}),
+    ),
 }
 
 
