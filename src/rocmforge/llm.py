@@ -33,7 +33,7 @@ from rocmforge.hub import resolve_model
 from rocmforge.models.loader import ProgressCallback, load_model
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.settings import default_models_dir
+from rocmforge.settings import Settings, default_models_dir
 from rocmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 DEFAULT_CPU_KV_BYTES = 512 << 20
 GPU_MEMORY_UTILIZATION = 0.85
+DEFAULT_BATCHED_TOKENS = 2048
 
 
 class LLM:
@@ -57,7 +58,7 @@ class LLM:
         kv_cache_memory: int | None = None,
         block_size: int = 16,
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
         max_waiting: int = 1024,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
@@ -106,6 +107,25 @@ class LLM:
         self.engine = LLMEngine(runner, self.tokenizer, scheduler)
         self.max_model_len = context
         self._ids = itertools.count()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, progress: ProgressCallback | None = None) -> LLM:
+        """An LLM configured from :class:`~rocmforge.settings.Settings` (CLI flags + env)."""
+        return cls(
+            settings.gguf,
+            tokenizer=settings.tokenizer,
+            device=settings.device,
+            gpu_index=settings.gpu_device,
+            dtype=settings.dtype,
+            weight_format=settings.weight_format,
+            models_dir=settings.models,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, settings.max_num_seqs),
+            max_waiting=settings.max_waiting,
+            max_model_len=settings.max_model_len,
+            kv_cache_memory=settings.kv_cache_memory,
+            progress=progress,
+        )
 
     def _num_kv_blocks(self, memory: int | None, block_bytes: int, useful_blocks: int) -> int:
         if memory is None:

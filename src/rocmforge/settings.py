@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rocmforge.errors import ConfigError
+from rocmforge.logs import FORMATS, parse_level_spec
 
 
 class Settings(BaseSettings):
@@ -39,6 +42,37 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on shutdown.")
     log_level: str = Field(default="warn", description="Level, optionally per module: warn,rocmforge.engine=debug")
     log_format: str = Field(default="human", description="human | json")
+    log_file: Path | None = Field(default=None, description="Also write JSON-lines logs here, rotated by size.")
+    log_file_max_bytes: int = Field(default=10 << 20, gt=0, description="Size at which the log file is rotated.")
+    log_file_backups: int = Field(default=5, ge=1, description="Rotated log files kept (log.1 ... log.N).")
+    no_color: bool = Field(
+        default=False,
+        validation_alias=AliasChoices("no_color", "NO_COLOR"),
+        description="Plain (uncoloured) human logs; set by the standard NO_COLOR variable (any non-empty value).",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        try:
+            parse_level_spec(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        normalized = value.strip().lower()
+        if normalized not in FORMATS:
+            raise ValueError(f"log_format must be 'human' or 'json', got {value!r}")
+        return normalized
+
+    @field_validator("no_color", mode="before")
+    @classmethod
+    def _no_color_flag(cls, value: object) -> object:
+        # https://no-color.org: any non-empty value disables colour; booleans pass through.
+        return bool(value) if isinstance(value, str) else value
 
 
 def load_settings(**overrides: object) -> Settings:

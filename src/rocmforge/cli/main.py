@@ -10,10 +10,10 @@ value); 3 server unreachable; 4 not found (model file, request id).
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from rocmforge import __version__
 from rocmforge.errors import ModelNotFoundError, RequestNotFoundError, RocmForgeError
+from rocmforge.logs import setup_logging
 from rocmforge.settings import Settings, load_settings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -65,7 +66,15 @@ def _main(
     _State.debug = debug
     _State.host = host
     _State.api_key = api_key
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    setup_logging(
+        "debug" if debug else settings.log_level,
+        settings.log_format,
+        settings.log_file,
+        color=False if settings.no_color else None,
+        max_file_bytes=settings.log_file_max_bytes,
+        backup_count=settings.log_file_backups,
+    )
 
 
 @app.command()
@@ -152,11 +161,11 @@ def generate(
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
     if stream:
         for output in llm.stream(prompt, params):
-            out.print(output.delta_text, end="", markup=False, highlight=False, soft_wrap=True)
-        out.print()
+            _emit(output.delta_text)
+        _emit("\n")
         return
     [completion] = llm.generate(prompt, params)
-    out.print(completion.text, markup=False, highlight=False, soft_wrap=True)
+    _emit(completion.text + "\n")
 
 
 @app.command()
@@ -191,13 +200,13 @@ def serve(
 @app.command()
 def status(request_id: Annotated[str, typer.Argument(help="Request id.")]) -> None:
     """Show a request's state on the server."""
-    out.print_json(json.dumps(_http("GET", f"/status/{request_id}")))
+    out.print_json(json.dumps(_http("GET", f"/status/{quote(request_id, safe='')}")))
 
 
 @app.command()
 def cancel(request_id: Annotated[str, typer.Argument(help="Request id.")]) -> None:
     """Cancel a request on the server (idempotent)."""
-    out.print_json(json.dumps(_http("POST", f"/cancel/{request_id}")))
+    out.print_json(json.dumps(_http("POST", f"/cancel/{quote(request_id, safe='')}")))
 
 
 def _client() -> Any:
@@ -246,7 +255,7 @@ def _generate_remote(body: dict[str, Any], *, chat: bool, stream: bool) -> None:
             if not stream:
                 result = _checked(client.post("/v1/chat/completions" if chat else "/generate", json=body))
                 text = result["choices"][0]["message"]["content"] if chat else result["text"]
-                out.print(text, markup=False, highlight=False, soft_wrap=True)
+                _emit(text + "\n")
                 return
             path = "/v1/chat/completions" if chat else "/generate/stream"
             with client.stream("POST", path, json=body) as response:
@@ -254,10 +263,17 @@ def _generate_remote(body: dict[str, Any], *, chat: bool, stream: bool) -> None:
                     response.read()
                     _checked(response)
                 for delta in _sse_deltas(response.iter_lines(), chat=chat):
-                    out.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
-                out.print()
+                    _emit(delta)
+                _emit("\n")
     except httpx.TransportError as exc:
         raise ServerUnreachable(f"cannot reach the server at {_State.host or load_settings().host}: {exc}") from exc
+
+
+def _emit(text: str) -> None:
+    """Generated text goes to stdout verbatim: rich would expand tabs, drop control
+    characters and turn ``:name:`` into emoji."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _sse_deltas(lines: Any, *, chat: bool) -> Any:
@@ -303,18 +319,7 @@ def _load(settings: Settings) -> Any:
     """Load the model with a progress bar on stderr."""
     from rocmforge.llm import LLM
 
-    return _with_progress(
-        lambda progress: LLM(
-            settings.gguf,
-            tokenizer=settings.tokenizer,
-            device=settings.device,
-            gpu_index=settings.gpu_device,
-            dtype=settings.dtype,
-            weight_format=settings.weight_format,
-            models_dir=settings.models,
-            progress=progress,
-        )
-    )
+    return _with_progress(lambda progress: LLM.from_settings(settings, progress))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -367,13 +372,21 @@ def _report(exc: Exception) -> int:
     if _State.debug:
         err.print_exception()
     if isinstance(exc, ServerUnreachable):
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error_line(str(exc))
         return EXIT_UNREACHABLE
     if isinstance(exc, (ModelNotFoundError, RequestNotFoundError)):
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error_line(str(exc))
         return EXIT_NOT_FOUND
     if isinstance(exc, RocmForgeError):
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        _error_line(str(exc))
         return EXIT_RUNTIME
-    err.print(f"[red]error:[/red] {type(exc).__name__}: {exc} (run with --debug for the traceback)", highlight=False)
+    _error_line(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
     return EXIT_RUNTIME
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, however long (no wrapping), with the message's brackets shown
+    as text rather than read as rich markup."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)

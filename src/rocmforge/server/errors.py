@@ -60,15 +60,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        errors: list[dict[str, Any]] = list(exc.errors())
+        first: dict[str, Any] = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
             return error_response(400, "invalid_json", "the request body is not valid JSON",
                                   request_id=request_id_of(request))
-        param = ".".join(location) or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = "unknown field"
+        chosen, message = _explain(errors)
+        param = ".".join(_field_path(chosen)) or None
         return error_response(400, "invalid_request", f"{param}: {message}" if param else message,
                               param=param, request_id=request_id_of(request))
 
@@ -83,3 +81,36 @@ def install_error_handlers(app: FastAPI) -> None:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal_error", "internal server error", type_="internal",
                               request_id=request_id_of(request))
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names the member of a union that failed in the error location ("str",
+    "list[constrained-int]", "list[TextPart]"); no request field is named like that."""
+    return isinstance(part, str) and (
+        part in {"str", "int", "float", "bool", "none", "dict", "list"} or "[" in part
+        or part.startswith(("constrained-", "function-"))
+    )
+
+
+def _field_path(error: dict[str, Any]) -> list[str]:
+    """The offending field as the client spells it: ``messages.0.content``."""
+    return [str(part) for part in error.get("loc", ()) if part != "body" and not _is_union_tag(part)]
+
+
+def _explain(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The error to report, and its message. A union field (``prompt``: text or token ids)
+    fails once per member: prefer a member whose type matched but whose value did not (an
+    empty list, a negative id) over the members of the wrong type."""
+    if not errors:
+        return {}, "invalid request"
+    field = _field_path(errors[0])[:1]
+    same_field = [e for e in errors if _field_path(e)[:1] == field]
+    wrong_type = [e for e in same_field if str(e.get("type", "")).endswith("_type")]
+    chosen = next((e for e in same_field if e not in wrong_type), errors[0])
+    if chosen.get("type") == "extra_forbidden":
+        return chosen, "unknown field"
+    if chosen in wrong_type and len(wrong_type) > 1:  # the value matches no member: list them all
+        prefix = "Input should be "
+        expected = dict.fromkeys(str(e.get("msg", "")).removeprefix(prefix) for e in wrong_type)
+        return chosen, prefix + " or ".join(expected)
+    return chosen, str(chosen.get("msg", "invalid request"))

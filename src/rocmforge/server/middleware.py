@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from rocmforge.logs import bind_request
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -56,7 +58,12 @@ class RequestContextMiddleware:
         headers = dict(scope.get("headers") or [])
         request_id = _client_request_id(headers.get(REQUEST_ID_HEADER)) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        with bind_request(request_id):
+            await self._handle(scope, receive, send, headers, request_id)
 
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], request_id: str
+    ) -> None:
         if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
             await _error(401, "invalid_api_key", "missing or invalid API key", request_id,
                          [(b"www-authenticate", b"Bearer")])(send)

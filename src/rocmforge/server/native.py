@@ -20,7 +20,7 @@ from rocmforge.server.errors import request_id_of
 from rocmforge.server.openai_api import render_chat
 from rocmforge.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from rocmforge.server.state import ServerState
-from rocmforge.server.streams import logprob_entries, results_or_disconnect, sse, submit, timings
+from rocmforge.server.streams import generation_error, logprob_entries, results_or_disconnect, sse, submit, timings
 
 router = APIRouter()
 
@@ -79,7 +79,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
                         )
                     if output.finished:
                         if output.finish_reason == "error":
-                            yield sse(_error_event(output.request_id, output.error), event="error")
+                            yield sse(generation_error(output.request_id, output.error), event="error")
                             return
                         status = state.engine.status(output.request_id)
                         yield sse(
@@ -102,12 +102,7 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-def _error_event(request_id: str, message: str | None) -> dict[str, Any]:
-    return {"error": {"type": "internal", "code": "generation_failed", "message": message or "generation failed",
-                      "param": None, "request_id": request_id}}
-
-
-@router.get("/status/{request_id}")
+@router.get("/status/{request_id:path}")  # ids may hold "/" (X-Request-Id)
 async def status(request_id: str, request: Request) -> dict[str, Any]:
     s = _state(request).engine.status(request_id)
     return {
@@ -124,7 +119,7 @@ async def status(request_id: str, request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/cancel/{request_id}")
+@router.post("/cancel/{request_id:path}")
 async def cancel(request_id: str, request: Request) -> dict[str, Any]:
     engine = _state(request).engine
     cancelled = await engine.cancel(request_id)

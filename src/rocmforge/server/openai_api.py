@@ -23,7 +23,7 @@ from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from rocmforge.server.state import ServerState
-from rocmforge.server.streams import merged, now, results_or_disconnect, sse, submit
+from rocmforge.server.streams import generation_error, merged, now, results_or_disconnect, sse, submit
 
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -166,9 +166,7 @@ async def _completion_events(
                 choice["logprobs"] = _completion_logprobs(state, output.new_logprobs)
             if output.finished:
                 if output.finish_reason == "error":
-                    yield sse({"error": {"type": "internal", "code": "generation_failed",
-                                         "message": output.error or "generation failed", "param": None,
-                                         "request_id": output.request_id}})
+                    yield sse(generation_error(output.request_id, output.error))
                     return
                 choice["finish_reason"] = _finish(output.finish_reason)
                 choice["stop_reason"] = output.stop_reason
@@ -262,9 +260,7 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
                 choice["logprobs"] = {"content": _chat_logprobs(state, output.new_logprobs)}
             if output.finished:
                 if output.finish_reason == "error":
-                    yield sse({"error": {"type": "internal", "code": "generation_failed",
-                                         "message": output.error or "generation failed", "param": None,
-                                         "request_id": output.request_id}})
+                    yield sse(generation_error(output.request_id, output.error))
                     return
                 choice["finish_reason"] = _finish(output.finish_reason)
                 usage["completion_tokens"] += output.num_output_tokens

@@ -3,7 +3,8 @@
 Flows in: JSON bodies of the native (``/generate``) and OpenAI-compatible (``/v1/...``)
 routes. Flows out: :class:`~rocmforge.sampling_params.SamplingParams` built from them
 (``to_sampling_params``), and the response bodies. Unknown fields are rejected (a typo in a
-parameter name must not silently do nothing); numbers must be finite; every bound that
+parameter name must not silently do nothing); types are strict (``"0.5"`` is no number and
+``"yes"`` no boolean); numbers must be finite; every bound that
 ``SamplingParams`` checks is checked again there, so both paths share one set of rules.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from rocmforge.sampling_params import MAX_LOGPROBS, SamplingParams
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+"""A JSON number (ints too), never a string like ``"0.5"``, a bool, NaN or an infinity."""
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 MAX_STOP_STRINGS = 16
 MAX_N = 16
@@ -38,7 +40,7 @@ class _SamplingFields(_Strict):
     seed: StrictInt | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
-    ignore_eos: bool | None = None
+    ignore_eos: StrictBool | None = None
     min_tokens: StrictInt | None = None
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -61,7 +63,7 @@ class GenerateRequest(_SamplingFields):
     prompt: StrictStr | TokenIds
     max_tokens: StrictInt = 64
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
 
     @field_validator("prompt")
     @classmethod
@@ -98,7 +100,7 @@ class GenerateResponse(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class CompletionRequest(_SamplingFields):
@@ -106,10 +108,10 @@ class CompletionRequest(_SamplingFields):
     prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)]
     max_tokens: StrictInt | None = 16
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    echo: bool = False
+    echo: StrictBool = False
     user: StrictStr | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -143,9 +145,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     user: StrictStr | None = None
@@ -159,7 +161,7 @@ class ChatCompletionRequest(_SamplingFields):
 class TokenizeRequest(_Strict):
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: StrictBool = True
     model: StrictStr | None = None
 
 

@@ -36,21 +36,7 @@ class Address:
 
 
 def build_state(settings: Settings, progress: ProgressCallback | None = None) -> ServerState:
-    llm = LLM(
-        settings.gguf,
-        tokenizer=settings.tokenizer,
-        device=settings.device,
-        gpu_index=settings.gpu_device,
-        dtype=settings.dtype,
-        weight_format=settings.weight_format,
-        models_dir=settings.models,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=max(2048, settings.max_num_seqs),
-        max_waiting=settings.max_waiting,
-        max_model_len=settings.max_model_len,
-        kv_cache_memory=settings.kv_cache_memory,
-        progress=progress,
-    )
+    llm = LLM.from_settings(settings, progress)
     engine = AsyncEngine.from_llm(llm)
     config = ServerConfig(
         model_name=settings.model_name or llm.path.stem,
@@ -69,7 +55,7 @@ def serve(state: ServerState, address: Address) -> None:
         host=address.host,
         port=address.port,
         log_config=None,
-        access_log=False,
+        access_log=True,
         timeout_graceful_shutdown=int(state.config.shutdown_timeout),
     )
     logger.info("listening on http://%s:%d", address.host, address.port)

@@ -29,6 +29,9 @@ async def results_or_disconnect(request: Request, streams: list[RequestStream]) 
     """Wait for every stream's completion; if the client goes away first, cancel them all
     and return None."""
     gathered = asyncio.ensure_future(asyncio.gather(*(s.result() for s in streams)))
+    # A cancelled gather ends with a CancelledError *exception*: mark it retrieved, or asyncio
+    # logs "exception was never retrieved" with a traceback for every client that went away.
+    gathered.add_done_callback(_retrieve_exception)
     try:
         while True:
             done, _ = await asyncio.wait({gathered}, timeout=DISCONNECT_POLL_S)
@@ -42,6 +45,11 @@ async def results_or_disconnect(request: Request, streams: list[RequestStream]) 
     finally:
         if not gathered.done():
             gathered.cancel()
+
+
+def _retrieve_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -67,6 +75,12 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             task.cancel()
         for stream in streams:
             await stream.aclose()
+
+
+def generation_error(request_id: str, message: str | None) -> dict[str, Any]:
+    """The error-shape body of a stream's error event (a request that failed in the engine)."""
+    return {"error": {"type": "internal", "code": "generation_failed", "message": message or "generation failed",
+                      "param": None, "request_id": request_id}}
 
 
 def sse(data: Any, event: str | None = None) -> str:

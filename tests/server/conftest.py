@@ -1,0 +1,68 @@
+"""Fixtures of the HTTP server acceptance tests: real ``rocmforge serve`` processes on loopback.
+
+A tiny random-weight llama GGUF is written into a temporary directory once per session.
+Servers are session-scoped and few (each takes seconds to start): the default one, one with
+an API key, one with a one-slot queue. Each is terminated with SIGTERM at teardown and must
+exit cleanly. Helpers shared by the test modules are in :mod:`live_server`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import API_KEY, HTTP_TIMEOUT, MODEL_NAME, TINY_SPEC, Server, start_server, stop_server
+
+from rocmforge.synthetic import random_hf_weights, write_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("server-model") / f"{MODEL_NAME}.gguf"
+    write_gguf(path, TINY_SPEC, random_hf_weights(TINY_SPEC, seed=7), seed=7)
+    return path
+
+
+def _serve(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory, *extra: str,
+           api_key: str | None = None) -> Iterator[Server]:
+    server = start_server(tiny_gguf, tmp_path_factory.mktemp("server-log"), "--model-name", MODEL_NAME, *extra,
+                          api_key=api_key)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+    # SIGTERM is a clean shutdown: uvicorn closes, the lifespan drains the engine, and uvicorn
+    # re-raises the signal it captured (exit status -SIGTERM) or the process exits 0.
+    assert server.process.returncode in (0, -signal.SIGTERM), server.log()
+    assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default server: no API key, default queue sizes."""
+    yield from _serve(tiny_gguf, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def base_url(server: Server) -> str:
+    return server.url
+
+
+@pytest.fixture(scope="session")
+def auth_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from _serve(tiny_gguf, tmp_path_factory, api_key=API_KEY)
+
+
+@pytest.fixture(scope="session")
+def small_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One running slot and one waiting slot: a third concurrent request is refused."""
+    yield from _serve(tiny_gguf, tmp_path_factory, "--max-num-seqs", "1", "--max-waiting", "1")
+
+
+@pytest.fixture
+def client(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT) as c:
+        yield c
