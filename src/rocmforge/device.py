@@ -1,18 +1,28 @@
-"""Choosing the compute device and dtype.
+"""Choosing the compute device and dtype, translating device failures, reading memory use.
 
 In: a device spec (``auto``, ``cpu``, ``cuda``, ``cuda:N``; ROCm builds of torch answer to
 ``cuda`` too) and an optional dtype name. Out: a ``torch.device`` and ``torch.dtype``.
-``auto`` takes the GPU when one is usable and the CPU otherwise; an explicit ``cuda`` that
-cannot be used is a :class:`~rocmforge.errors.DeviceError`.
+``auto`` takes the GPU when one is visible and the CPU when none is; a GPU that is visible
+but cannot be initialised is a :class:`~rocmforge.errors.DeviceError` whatever the spec (the
+caller, :class:`rocmforge.LLM`, owns the policy: under ``auto`` it falls back to the CPU, an
+explicit ``cuda`` fails).
+
+:func:`device_error` turns a torch failure met while placing something on a device into a
+typed :class:`~rocmforge.errors.DeviceError` (:class:`~rocmforge.errors.DeviceOutOfMemoryError`
+for torch's out-of-memory, naming how much was needed when that is known); callers raise it
+``from`` the original so the cause is kept. :func:`memory_usage` is what ``/health`` reports.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+from dataclasses import dataclass
 
 import torch
 
-from rocmforge.errors import ConfigError, DeviceError
+from rocmforge.errors import ConfigError, DeviceError, DeviceOutOfMemoryError
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +34,31 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+SIMULATED_GPU_FAILURE = "simulated GPU initialisation failure (ROCMFORGE_FAULT_INJECT=gpu_init)"
+_TRIED_TO_ALLOCATE = re.compile(r"Tried to allocate ([0-9.]+ ?[KMGT]?i?B)", re.IGNORECASE)
 
 
-def resolve_device(spec: str = "auto", gpu_index: int = 0) -> torch.device:
+def resolve_device(spec: str = "auto", gpu_index: int = 0, *, fail_gpu_init: bool = False) -> torch.device:
+    """The device ``spec`` names. ``fail_gpu_init`` (a testing aid: ``ROCMFORGE_FAULT_INJECT=gpu_init``)
+    makes probing the GPU fail as if torch.cuda raised while initialising, GPU or not.
+
+    Raises :class:`DeviceError` (cause kept) when a GPU is needed or visible but unusable,
+    :class:`ConfigError` for an unknown spec."""
     spec = spec.strip().lower()
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "auto":
-        if torch.cuda.is_available():
+        if _gpu_count(fail_gpu_init) > 0:
             return _cuda(gpu_index)
         logger.info("no GPU available: running on the CPU")
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
+        index_text = spec.split(":", 1)[1] if ":" in spec else str(gpu_index)
+        if not index_text.isdigit():
+            raise ConfigError(f"bad GPU index in device {spec!r} (use cuda:N)", param="device")
+        if _gpu_count(fail_gpu_init) == 0:
             raise DeviceError(f"device {spec!r} requested but torch sees no CUDA/ROCm GPU")
-        index = int(spec.split(":", 1)[1]) if ":" in spec else gpu_index
-        return _cuda(index)
+        return _cuda(int(index_text))
     raise ConfigError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)", param="device")
 
 
@@ -58,8 +77,95 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return dtype
 
 
+def device_error(exc: BaseException, device: torch.device, what: str, needed_bytes: int | None = None) -> DeviceError:
+    """A typed error for ``exc``, raised while ``what`` (e.g. "loading the weights") on
+    ``device``; raise it ``from exc``. An existing :class:`DeviceError` is returned as is."""
+    if isinstance(exc, DeviceError):
+        return exc
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        parts = []
+        if needed_bytes is not None:
+            parts.append(f"needs about {format_bytes(needed_bytes)}")
+        tried = _TRIED_TO_ALLOCATE.search(str(exc))
+        if tried:
+            parts.append(f"failed allocating {tried.group(1)}")
+        detail = f" ({', '.join(parts)})" if parts else ""
+        return DeviceOutOfMemoryError(
+            f"out of memory on {device} while {what}{detail}", needed_bytes=needed_bytes, device=str(device)
+        )
+    return DeviceError(f"{device} failed while {what}: {type(exc).__name__}: {exc}", device=str(device))
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryUsage:
+    """Bytes in use and in total: the device's memory on a GPU, the process's resident set
+    size against the machine's RAM on the CPU. ``None`` where it could not be read."""
+
+    kind: str
+    """``device`` (GPU memory) or ``process_rss`` (CPU)."""
+    used_bytes: int | None
+    total_bytes: int | None
+
+
+def memory_usage(device: torch.device) -> MemoryUsage:
+    """Never raises: a value that cannot be read is ``None`` (logged at debug)."""
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+        except Exception as exc:  # a broken device must not break the liveness probe
+            logger.debug("cannot read the memory of %s: %s", device, exc)
+            return MemoryUsage("device", None, None)
+        return MemoryUsage("device", total - free, total)
+    return MemoryUsage("process_rss", _process_rss(), _system_ram())
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _gpu_count(fail_init: bool) -> int:
+    """GPUs torch can use: 0 when none is visible; DeviceError when one is but cannot be
+    initialised."""
+    try:
+        if fail_init:
+            raise RuntimeError(SIMULATED_GPU_FAILURE)
+        if not torch.cuda.is_available():
+            return 0
+        torch.cuda.init()
+        return torch.cuda.device_count()
+    except (RuntimeError, AssertionError) as exc:  # torch.cuda raises both while initialising
+        raise DeviceError(f"the GPU could not be initialised: {exc}") from exc
+
+
 def _cuda(index: int) -> torch.device:
     count = torch.cuda.device_count()
     if not 0 <= index < count:
         raise DeviceError(f"GPU index {index} out of range: torch sees {count} GPU(s)")
     return torch.device("cuda", index)
+
+
+def _process_rss() -> int | None:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # no /proc (macOS): the peak, the best the standard library offers
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024
+    except (ImportError, OSError, ValueError):
+        return None
+
+
+def _system_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -220,3 +220,12 @@ class ServerError(RocmForgeError):
     category = ErrorCategory.INTERNAL
     code = "server_error"
     http_status = 500
+
+
+class ServerDrainingError(ServerError):
+    """The server is shutting down (a signal arrived): it admits no new requests; retry
+    against another replica."""
+
+    category = ErrorCategory.RECOVERABLE
+    code = "server_draining"
+    http_status = 503

@@ -7,6 +7,14 @@ batching engine the server uses.
     from rocmforge import LLM, SamplingParams
     llm = LLM("model.gguf", device="cpu")
     [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
+
+Device policy. ``device="auto"`` uses the GPU when one is visible; if it cannot be
+initialised, or the weights or the KV cache cannot be placed on it (any torch error,
+out-of-memory included), the model is loaded on the CPU instead, a warning is logged and
+:attr:`LLM.device_fallback` says why (``/health`` reports it). An explicit ``cuda`` never
+falls back: the failure is a :class:`~rocmforge.errors.DeviceError`
+(:class:`~rocmforge.errors.DeviceOutOfMemoryError` for out-of-memory) with the torch error
+as its cause.
 """
 
 from __future__ import annotations
@@ -15,25 +23,25 @@ import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rocmforge.attention import get_backend
-from rocmforge.device import resolve_device, resolve_dtype
+from rocmforge.device import device_error, resolve_device, resolve_dtype
 from rocmforge.engine.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.llm_engine import LLMEngine
 from rocmforge.engine.model_runner import ModelRunner, kv_block_bytes
 from rocmforge.engine.scheduler import Scheduler
-from rocmforge.errors import ChatTemplateError, InvalidRequestError
-from rocmforge.gguf import read_gguf
+from rocmforge.errors import ChatTemplateError, DeviceError, InvalidRequestError
+from rocmforge.gguf import GGUFFile, read_gguf
 from rocmforge.hub import resolve_model
 from rocmforge.models.loader import ProgressCallback, load_model
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.settings import Settings, default_models_dir
+from rocmforge.settings import FaultInjection, Settings, default_models_dir
 from rocmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,50 +71,133 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         progress: ProgressCallback | None = None,
+        faults: FaultInjection | None = None,
     ) -> None:
         """``model``: a GGUF path, a known model name (``smollm2``) or None for the default.
+        ``device``: ``auto`` (GPU if usable, else the CPU: see the module docstring), ``cpu``,
+        ``cuda`` or ``cuda:N``.
         ``weight_format``: ``dense`` (default) dequantizes every weight to ``dtype`` (exact:
         matches HF transformers on the dequantized weights); ``quantized`` keeps 4-bit
         weights packed and the others in int8, with bf16 activations in the matmuls, where
         the device has kernels for it (CPU) — about 2x faster decode, slightly less accurate.
         ``kv_cache_memory``: bytes for the KV cache (default: 512 MiB on the CPU, 85 % of
-        the GPU memory left after the weights)."""
+        the GPU memory left after the weights).
+        ``faults``: a testing aid (``ROCMFORGE_FAULT_INJECT``), None in production."""
+        faults = faults or FaultInjection()
         self.path = resolve_model(model, Path(models_dir) if models_dir else default_models_dir())
-        self.device = resolve_device(device, gpu_index)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device_fallback: str | None = None
+        """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
         gguf = read_gguf(self.path)
-        self.metadata: Mapping[str, Any] = gguf.metadata
-        self.tokenizer = (
-            Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
-        )
-        loaded = load_model(
-            gguf,
-            device=self.device,
-            dtype=self.dtype,
-            attention=get_backend(),
-            weight_format=weight_format,
-            progress=progress,
-        )
-        gguf.close()
-        self.config = loaded.config
+        try:
+            self.metadata: Mapping[str, Any] = gguf.metadata
+            self.tokenizer = (
+                Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
+            )
 
-        block_bytes = kv_block_bytes(self.config, block_size, self.dtype)
-        context = min(max_model_len or self.config.max_context, self.config.max_context)
-        num_blocks = self._num_kv_blocks(kv_cache_memory, block_bytes, max_num_seqs * -(-context // block_size))
-        context = min(context, num_blocks * block_size)
-        runner = ModelRunner(loaded.model, num_blocks, block_size, self.device, kv_dtype=self.dtype)
+            def build(target: torch.device, dtype_name: str | torch.dtype | None) -> ModelRunner:
+                return self._build(
+                    gguf, target, dtype_name, weight_format=weight_format, kv_cache_memory=kv_cache_memory,
+                    block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                    progress=progress, faults=faults,
+                )
+
+            auto = device.strip().lower() == "auto"
+            runner: ModelRunner | None = None
+            fallback: str | None = None
+            try:
+                target = resolve_device(device, gpu_index, fail_gpu_init=faults.gpu_init)
+            except DeviceError as exc:
+                if not auto:
+                    raise
+                fallback = exc.message
+            else:
+                try:
+                    runner = build(target, dtype)
+                # torch's device errors are RuntimeErrors (OOM included); a torch built without
+                # CUDA asserts. Only for a GPU target: on the CPU they are bugs, not device trouble.
+                except (DeviceError, RuntimeError, AssertionError) as exc:
+                    if target.type != "cuda":
+                        raise
+                    error = device_error(exc, target, "loading the model", _weight_bytes(gguf, self.dtype))
+                    if not auto:
+                        if error is exc:
+                            raise
+                        raise error from exc
+                    fallback = error.message
+            if runner is None:  # outside the except blocks: the failed attempt's tensors are freed
+                runner = self._fall_back(fallback or "the GPU is unusable", dtype, build)
+        finally:
+            gguf.close()
+
         scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_waiting=max_waiting,
-                max_model_len=context,
+                max_model_len=self.max_model_len,
             ),
-            CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+            CacheConfig(block_size=block_size, num_blocks=runner.num_blocks, enable_prefix_caching=enable_prefix_caching),
         )
         self.engine = LLMEngine(runner, self.tokenizer, scheduler)
-        self.max_model_len = context
         self._ids = itertools.count()
+
+    def _build(
+        self,
+        gguf: GGUFFile,
+        device: torch.device,
+        dtype: str | torch.dtype | None,
+        *,
+        weight_format: str,
+        kv_cache_memory: int | None,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int | None,
+        progress: ProgressCallback | None,
+        faults: FaultInjection,
+    ) -> ModelRunner:
+        """Place the weights and the KV cache on ``device``; sets ``device``, ``dtype``,
+        ``config`` and ``max_model_len``. Torch errors propagate (the caller translates)."""
+        self.device = device
+        self.dtype = resolve_dtype(dtype, device)
+        loaded = load_model(
+            gguf,
+            device=device,
+            dtype=self.dtype,
+            attention=get_backend(),
+            weight_format=weight_format,
+            progress=progress,
+        )
+        self.config = loaded.config
+        block_bytes = kv_block_bytes(self.config, block_size, self.dtype)
+        context = min(max_model_len or self.config.max_context, self.config.max_context)
+        num_blocks = self._num_kv_blocks(kv_cache_memory, block_bytes, max_num_seqs * -(-context // block_size))
+        self.max_model_len = min(context, num_blocks * block_size)
+        try:
+            return ModelRunner(loaded.model, num_blocks, block_size, device, kv_dtype=self.dtype, faults=faults)
+        except (RuntimeError, AssertionError) as exc:
+            if device.type != "cuda":
+                raise
+            raise device_error(exc, device, "allocating the KV cache", num_blocks * block_bytes) from exc
+
+    def _fall_back(
+        self,
+        reason: str,
+        dtype: str | torch.dtype | None,
+        build: Callable[[torch.device, str | torch.dtype | None], ModelRunner],
+    ) -> ModelRunner:
+        """``device="auto"`` could not use the GPU: load on the CPU and remember why."""
+        self.device_fallback = reason
+        logger.warning("GPU unusable, falling back to the CPU: %s", reason)
+        if torch.cuda.is_available():
+            try:
+                torch.cuda.empty_cache()  # whatever the failed attempt left on the GPU
+            except RuntimeError:
+                pass
+        cpu = torch.device("cpu")
+        if dtype in ("float16", "fp16", torch.float16):
+            logger.warning("float16 is not supported on the CPU: using float32")
+            dtype = None
+        return build(cpu, dtype)
 
     @classmethod
     def from_settings(cls, settings: Settings, progress: ProgressCallback | None = None) -> LLM:
@@ -125,6 +216,7 @@ class LLM:
             max_model_len=settings.max_model_len,
             kv_cache_memory=settings.kv_cache_memory,
             progress=progress,
+            faults=settings.faults(),
         )
 
     def _num_kv_blocks(self, memory: int | None, block_bytes: int, useful_blocks: int) -> int:
@@ -246,6 +338,12 @@ class LLM:
             )
             for request_id, params in zip(order, param_list)
         ]
+
+
+def _weight_bytes(gguf: GGUFFile, dtype: torch.dtype) -> int:
+    """Bytes of the weights dequantized to ``dtype`` (what ``dense`` loading places)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(t.n_elements for t in gguf.tensors.values()) * element
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

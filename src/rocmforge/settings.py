@@ -3,10 +3,15 @@
 Precedence (highest first): explicit arguments / CLI flags, environment variables, a ``.env``
 file in the working directory, the defaults below. Everything else in the package receives
 values from here explicitly.
+
+``ROCMFORGE_FAULT_INJECT`` is a testing aid, never meant for production: it is parsed once
+into a :class:`FaultInjection` that ``LLM.from_settings`` passes down to device selection and
+the model runner, so the real server can be made to fail on demand in end-to-end tests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -14,6 +19,57 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rocmforge.errors import ConfigError
 from rocmforge.logs import FORMATS, parse_level_spec
+
+FAULT_KINDS = ("gpu_init", "forward_error", "forward_fatal")
+
+
+@dataclass(frozen=True, slots=True)
+class FaultInjection:
+    """Faults to inject, for tests only (``ROCMFORGE_FAULT_INJECT``). Empty: inject nothing.
+
+    Spec: comma-separated entries, each one of
+
+    * ``gpu_init``: initialising the GPU fails (device selection behaves as if torch.cuda
+      raised), so ``device=auto`` falls back to the CPU and ``device=cuda`` fails;
+    * ``forward_error:<prefix>``: a forward pass whose batch holds a request whose id starts
+      with ``<prefix>`` raises :class:`~rocmforge.errors.ModelExecutionError` (clients pick
+      ids with ``X-Request-Id``);
+    * ``forward_fatal:<prefix>``: likewise, but raises the fatal
+      :class:`~rocmforge.errors.EngineDeadError`, which kills the engine.
+    """
+
+    gpu_init: bool = False
+    forward_error: tuple[str, ...] = ()
+    """Request-id prefixes whose forward pass raises ``ModelExecutionError``."""
+    forward_fatal: tuple[str, ...] = ()
+    """Request-id prefixes whose forward pass raises ``EngineDeadError``."""
+
+    @classmethod
+    def parse(cls, spec: str | None) -> FaultInjection:
+        """Parse ``"gpu_init,forward_error:boom"``; raise :class:`ConfigError` naming the bad part."""
+        gpu_init = False
+        prefixes: dict[str, list[str]] = {"forward_error": [], "forward_fatal": []}
+        for raw in (spec or "").split(","):
+            part = raw.strip()
+            if not part:
+                continue
+            kind, sep, arg = part.partition(":")
+            kind = kind.strip()
+            if kind == "gpu_init" and not sep:
+                gpu_init = True
+            elif kind in prefixes and sep and arg.strip():
+                prefixes[kind].append(arg.strip())
+            else:
+                raise ConfigError(
+                    f"bad fault spec {part!r} in {spec!r} (use gpu_init, forward_error:<request-id prefix> "
+                    "or forward_fatal:<request-id prefix>)",
+                    param="fault_inject",
+                )
+        return cls(gpu_init, tuple(prefixes["forward_error"]), tuple(prefixes["forward_fatal"]))
+
+    @property
+    def active(self) -> bool:
+        return self.gpu_init or bool(self.forward_error) or bool(self.forward_fatal)
 
 
 class Settings(BaseSettings):
@@ -39,12 +95,21 @@ class Settings(BaseSettings):
     max_waiting: int = Field(default=1024, gt=0, description="Waiting-queue capacity; beyond it requests get 429.")
     max_model_len: int | None = Field(default=None, gt=0, description="Context window (default: the model's).")
     kv_cache_memory: int | None = Field(default=None, gt=0, description="KV-cache bytes (default: 512 MiB CPU, 85% GPU).")
-    shutdown_timeout: float = Field(default=30.0, ge=0, description="Seconds in-flight requests get on shutdown.")
+    shutdown_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.",
+    )
     log_level: str = Field(default="warn", description="Level, optionally per module: warn,rocmforge.engine=debug")
     log_format: str = Field(default="human", description="human | json")
     log_file: Path | None = Field(default=None, description="Also write JSON-lines logs here, rotated by size.")
     log_file_max_bytes: int = Field(default=10 << 20, gt=0, description="Size at which the log file is rotated.")
     log_file_backups: int = Field(default=5, ge=1, description="Rotated log files kept (log.1 ... log.N).")
+    fault_inject: str = Field(
+        default="",
+        description="Testing aid only, never for production: comma-separated faults to inject: gpu_init | "
+        "forward_error:<request-id prefix> | forward_fatal:<request-id prefix>.",
+    )
     no_color: bool = Field(
         default=False,
         validation_alias=AliasChoices("no_color", "NO_COLOR"),
@@ -67,6 +132,19 @@ class Settings(BaseSettings):
         if normalized not in FORMATS:
             raise ValueError(f"log_format must be 'human' or 'json', got {value!r}")
         return normalized
+
+    @field_validator("fault_inject")
+    @classmethod
+    def _check_fault_inject(cls, value: str) -> str:
+        try:
+            FaultInjection.parse(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    def faults(self) -> FaultInjection:
+        """``fault_inject`` parsed (validated on construction, so this does not raise)."""
+        return FaultInjection.parse(self.fault_inject)
 
     @field_validator("no_color", mode="before")
     @classmethod

@@ -8,7 +8,6 @@ exit cleanly. Helpers shared by the test modules are in :mod:`live_server`.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +33,8 @@ def _serve(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory, *extra: st
         yield server
     finally:
         stop_server(server)
-    # SIGTERM is a clean shutdown: uvicorn closes, the lifespan drains the engine, and uvicorn
-    # re-raises the signal it captured (exit status -SIGTERM) or the process exits 0.
-    assert server.process.returncode in (0, -signal.SIGTERM), server.log()
+    # SIGTERM is a clean shutdown: admission stops, the engine drains, the process exits 0.
+    assert server.process.returncode == 0, server.log()
     assert "Traceback" not in server.log(), server.log()
 
 

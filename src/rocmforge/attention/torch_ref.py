@@ -66,7 +66,7 @@ def paged_attention(
     keys = k_cache[step.tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
     values = v_cache[step.tables].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_s]
     if step.decode_only:  # one query per sequence: no padding to undo
-        queries = q.view(num_seqs, 1, num_heads, head_dim)
+        queries = q.reshape(num_seqs, 1, num_heads, head_dim)
     else:
         queries = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
         queries[metadata.token_seq, metadata.token_query_pos] = q

@@ -181,20 +181,31 @@ def serve(
     max_waiting: Annotated[int | None, typer.Option("--max-waiting", help="Queue capacity; beyond it 429 [env: ROCMFORGE_MAX_WAITING].")] = None,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Context window [env: ROCMFORGE_MAX_MODEL_LEN].")] = None,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Model id shown to clients [env: ROCMFORGE_MODEL_NAME].")] = None,
+    shutdown_timeout: Annotated[float | None, typer.Option("--shutdown-timeout", min=0, help="Seconds in-flight requests get after SIGTERM/SIGINT [env: ROCMFORGE_SHUTDOWN_TIMEOUT; default 30].")] = None,
 ) -> None:
-    """Serve a model over HTTP (native and OpenAI-compatible APIs)."""
+    """Serve a model over HTTP (native and OpenAI-compatible APIs).
+
+    SIGTERM/SIGINT drain: admission closes at once (/ready answers 503), in-flight requests
+    get the shutdown timeout to finish, the rest are cancelled, and the process exits 0. A
+    second signal cancels everything at once."""
+    import logging
+
     from rocmforge.server.serve import Address, build_state
     from rocmforge.server.serve import serve as run_server
 
     settings = load_settings(
         gguf=gguf, addr=addr, tokenizer=tokenizer, api_key=api_key or _State.api_key, device=device, dtype=dtype,
         weight_format=weight_format, max_num_seqs=max_num_seqs, max_waiting=max_waiting, max_model_len=max_model_len,
-        model_name=model_name,
+        model_name=model_name, shutdown_timeout=shutdown_timeout,
     )
     address = Address.parse(settings.addr)
     state = _with_progress(lambda progress: build_state(settings, progress))
-    err.print(f"serving {state.config.model_name} on http://{address.host}:{address.port}")
+    where = state.device if state.device_fallback is None else f"{state.device} (GPU fallback: {state.device_fallback})"
+    err.print(f"serving {state.config.model_name} on http://{address.host}:{address.port}, device {where}",
+              highlight=False, soft_wrap=True, markup=False)
     run_server(state, address)
+    logging.shutdown()  # flush every handler (the log file included) before exiting
+    sys.exit(EXIT_OK)
 
 
 @app.command()

@@ -29,13 +29,23 @@ When there is no work the thread sleeps on the condition (no busy spinning); a c
 wakes it. Torch releases the GIL inside its kernels, so the event loop stays responsive
 while a step runs.
 
+Statistics: stats loggers (:class:`~rocmforge.engine.stats.StatsLogger`, given to the
+constructor or to ``add_stats_logger``) get one :class:`~rocmforge.engine.stats.IterationStats`
+per round of the engine loop, on the engine thread, after the snapshots are published and
+before the outputs are delivered. Without a logger the only bookkeeping is one timestamp per
+delivered output.
+
 Failure handling:
 
 * ``step()`` raises (model error, device OOM, a bug in one step): the requests that were in
   the step's batch — the running requests — are finished with ``error`` (their streams get
   a final output with ``error`` text), the exception is logged, and the engine keeps
   serving the waiting ones. ``max_consecutive_failures`` failed steps in a row mean the
-  device is broken: the engine is marked dead.
+  device is broken: the engine is marked dead. (A batch that fails is first re-run request
+  by request by the model runner, which fails only the requests that fail alone; ``step()``
+  raises only when they all do, or the batch held one request.)
+* Requests still in flight at the shutdown deadline end ``cancelled`` with
+  :data:`SHUTDOWN_CANCEL_MESSAGE` as their ``error`` text.
 * A :class:`~rocmforge.errors.RocmForgeError` whose ``is_fatal()`` is true marks the engine
   dead at once: every live stream gets an ``error`` final output, ``submit`` raises
   :class:`~rocmforge.errors.EngineDeadError` from then on, ``status`` keeps working.
@@ -64,6 +74,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from rocmforge.engine.llm_engine import LLMEngine
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.engine.scheduler import FINISHED_HISTORY, Scheduler, SchedulerStats
+from rocmforge.engine.stats import FinishedRequestStats, IterationStats, StatsLogger
 from rocmforge.errors import (
     ConfigError,
     EngineDeadError,
@@ -87,6 +98,8 @@ T = TypeVar("T")
 MAX_REQUEST_ID_LENGTH = 256
 SHUTDOWN_GRACE_S = 10.0
 """How long ``shutdown`` waits beyond its timeout for a step in progress to end."""
+SHUTDOWN_CANCEL_MESSAGE = "cancelled: the server is shutting down (shutdown timeout reached)"
+"""The ``error`` text of requests still in flight at the shutdown deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +212,10 @@ class _Tracked:
     """Engine-thread bookkeeping of a request whose stream has not had its final output."""
 
     sink: _Sink
+    request: Request
     text: str = ""
+    last_token_time: float | None = None
+    """When the engine thread last delivered a token of it (for inter-token latencies)."""
 
 
 # --- the engine -------------------------------------------------------------------------------
@@ -217,6 +233,7 @@ class AsyncEngine:
         *,
         max_consecutive_failures: int = 3,
         finished_history: int = FINISHED_HISTORY,
+        stats_loggers: Sequence[StatsLogger] = (),
     ) -> None:
         if max_consecutive_failures < 1 or finished_history < 1:
             raise ConfigError("max_consecutive_failures and finished_history must be >= 1")
@@ -249,6 +266,12 @@ class AsyncEngine:
         self._positions: dict[str, int] = {}
         self._stats: SchedulerStats = engine.scheduler.get_stats()
         self._num_steps = 0
+
+        # Statistics for the attached loggers (see rocmforge.engine.stats). The tuple is
+        # replaced, never mutated, so the engine thread reads it without the lock.
+        self._stats_loggers: tuple[StatsLogger, ...] = tuple(stats_loggers)
+        self._iteration: IterationStats | None = None  # this round's, while loggers exist
+        self._reported: SchedulerStats = self._stats  # cumulative counters at the last report
 
     @classmethod
     def from_llm(cls, llm: LLM, **kwargs: Any) -> AsyncEngine:
@@ -382,6 +405,12 @@ class AsyncEngine:
 
     # --- stats (snapshots as of the last step) ---------------------------------------------
 
+    def add_stats_logger(self, stats_logger: StatsLogger) -> None:
+        """Hand every later round's :class:`IterationStats` to ``stats_logger`` too (before or
+        after ``start``; counting begins with the next round)."""
+        with self._cond:
+            self._stats_loggers = (*self._stats_loggers, stats_logger)
+
     def stats(self) -> SchedulerStats:
         return self._stats
 
@@ -404,6 +433,11 @@ class AsyncEngine:
     @property
     def tokenizer(self) -> Tokenizer:
         return self._engine.tokenizer
+
+    @property
+    def device(self) -> str:
+        """The model runner's device (``cpu``, ``cuda:0``)."""
+        return str(self._engine.runner.device)
 
     @property
     def max_model_len(self) -> int:
@@ -477,9 +511,11 @@ class AsyncEngine:
             self._close()
 
     def _sync(self) -> None:
-        """Publish the snapshots, then deliver outputs, then answer commands: whoever gets
-        an answer or an output sees a status at least as new."""
+        """Publish the snapshots (and report the stats), then deliver outputs, then answer
+        commands: whoever gets an answer or an output sees a status and metrics at least as
+        new."""
         self._publish()
+        self._report_stats()
         self._flush()
         self._send_replies()
 
@@ -541,7 +577,7 @@ class AsyncEngine:
             logger.exception("add_request failed for %s", rid)
             self._answer_error(command.reply, ModelExecutionError(f"could not queue the request: {exc}"))
             return
-        self._tracked[rid] = _Tracked(command.sink)
+        self._tracked[rid] = _Tracked(command.sink, request)
         self._finished_status.pop(rid, None)  # a finished id may be reused
         self._live_status[rid] = _snapshot(request)
         self._answer(command.reply, None)
@@ -571,11 +607,12 @@ class AsyncEngine:
             return False
         logger.warning("shutdown deadline reached: cancelling %d requests", len(self._tracked))
         for rid in list(self._tracked):
-            self._abort(rid, FinishReason.CANCELLED)
+            self._abort(rid, FinishReason.CANCELLED, SHUTDOWN_CANCEL_MESSAGE)
         self._sync()
         return True
 
     def _step(self) -> None:
+        start = time.monotonic()
         try:
             outputs = self._engine.step()
         except Exception as exc:
@@ -594,11 +631,18 @@ class AsyncEngine:
             return
         self._failures_in_a_row = 0
         self._num_steps += 1
+        now = time.monotonic()
+        iteration = self._collecting()
+        if iteration is not None:
+            iteration.num_steps += 1
+            iteration.step_duration_s += now - start
         for output in outputs:
             tracked = self._tracked.get(output.request_id)
             if tracked is None:
                 continue  # not one of ours
             tracked.text = output.text
+            if output.new_token_ids:
+                _count_tokens(iteration, tracked, len(output.new_token_ids), now)
             self._send(tracked.sink, output)
             if output.finished:
                 self._finalize(output.request_id)
@@ -650,6 +694,9 @@ class AsyncEngine:
             status = replace(status, finish_reason=reason.value)
         self._finished_status[rid] = status
         self._finished_status.move_to_end(rid)
+        iteration = self._collecting()
+        if iteration is not None:
+            iteration.finished_requests.append(_finished_stats(status))
         self._live_status.pop(rid, None)
         if len(self._finished_status) > self._finished_history:
             self._finished_status.popitem(last=False)
@@ -690,6 +737,33 @@ class AsyncEngine:
         self._positions = {r.request_id: i for i, r in enumerate(scheduler.waiting)} if scheduler.waiting else {}
         self._stats = scheduler.get_stats()
 
+    def _collecting(self) -> IterationStats | None:
+        """This round's stats being filled, or None when no logger wants them."""
+        if not self._stats_loggers:
+            return None
+        if self._iteration is None:
+            self._iteration = IterationStats()
+        return self._iteration
+
+    def _report_stats(self) -> None:
+        """Hand this round's stats to the loggers (if it did anything) and start a new one."""
+        stats, last = self._stats, self._reported
+        self._reported = stats
+        loggers = self._stats_loggers
+        if not loggers:
+            return
+        iteration, self._iteration = self._iteration or IterationStats(), None
+        iteration.num_preemptions = stats.num_preemptions - last.num_preemptions
+        iteration.prefix_cache_queries = stats.prefix_cache_queries - last.prefix_cache_queries
+        iteration.prefix_cache_hits = stats.prefix_cache_hits - last.prefix_cache_hits
+        if iteration.is_empty():
+            return
+        for stats_logger in loggers:
+            try:
+                stats_logger.record(iteration)
+            except Exception:  # metrics must not take the engine down
+                logger.exception("stats logger %s failed", type(stats_logger).__name__)
+
     def _close(self) -> None:
         """The thread's last act: refuse further commands and answer the queued ones."""
         with self._cond:
@@ -697,6 +771,7 @@ class AsyncEngine:
             self._accepting = False
             commands, self._commands = self._commands, deque()
         self._publish_stopped()
+        self._report_stats()
         self._send_replies()
         for command in commands:
             self._reject(command)
@@ -846,6 +921,38 @@ def _final(rid: str, text: str, reason: FinishReason, error: str | None) -> Requ
         finished=True,
         finish_reason=reason.value,
         error=error,
+    )
+
+
+def _count_tokens(iteration: IterationStats | None, tracked: _Tracked, num_tokens: int, now: float) -> None:
+    """A step delivered ``num_tokens`` of a request at ``now``."""
+    last, tracked.last_token_time = tracked.last_token_time, now
+    if iteration is None:
+        return
+    iteration.num_generation_tokens += num_tokens
+    if last is None:  # its first token: the prompt is served (once, even if preempted later)
+        request = tracked.request
+        iteration.num_prompt_tokens += request.num_prompt_tokens
+        first = request.first_token_time if request.first_token_time is not None else now
+        iteration.time_to_first_tokens.append(first - request.arrival_time)
+    else:
+        iteration.inter_token_latencies.append(now - last)
+
+
+def _finished_stats(status: RequestStatus) -> FinishedRequestStats:
+    end = status.finished_time if status.finished_time is not None else time.monotonic()
+    arrival, scheduled, first = status.arrival_time, status.first_scheduled_time, status.first_token_time
+    return FinishedRequestStats(
+        finish_reason=status.finish_reason or FinishReason.ERROR.value,
+        num_prompt_tokens=status.num_prompt_tokens,
+        num_output_tokens=status.num_output_tokens,
+        num_cached_tokens=status.num_cached_tokens,
+        num_preemptions=status.num_preemptions,
+        e2e_s=end - arrival,
+        queue_s=None if scheduled is None else scheduled - arrival,
+        prefill_s=None if scheduled is None or first is None else first - scheduled,
+        decode_s=None if first is None else end - first,
+        ttft_s=None if first is None else first - arrival,
     )
 
 

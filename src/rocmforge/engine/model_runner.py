@@ -8,20 +8,42 @@ model, samples, and hands back plain Python values — one host synchronisation 
 In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
 Out: :class:`~rocmforge.engine.scheduler.RunnerOutput` (sampled token per sampling request,
 its logprobs, and prompt logprobs for requests that asked for them).
+
+Failure isolation. When a batched step raises (anything but a fatal
+:class:`~rocmforge.errors.RocmForgeError`), the runner re-runs each request of the batch
+alone: requests that succeed alone get their results as usual, requests that fail alone are
+reported in ``RunnerOutput.failed`` (the scheduler finishes them with ``error``), so one bad
+request does not take its batch-mates down. Re-running is safe: a request's share of the
+step writes the same KV slots with the same values (the failed attempt may have written some
+of them already), and a request the failed attempt had already sampled for is sampled again
+(a seeded request's generator then moves on one draw). If every request fails alone too the
+device, not a request, is at fault: the original error is raised and the engine's step-failure
+policy applies. A fatal error is raised at once, batched or alone.
+
+Fault injection (tests only, ``ROCMFORGE_FAULT_INJECT``; see
+:class:`~rocmforge.settings.FaultInjection`): a step whose batch holds a request whose id
+starts with a ``forward_error`` / ``forward_fatal`` prefix raises
+:class:`~rocmforge.errors.ModelExecutionError` / :class:`~rocmforge.errors.EngineDeadError`
+before the forward pass.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from rocmforge.attention import AttentionMetadata
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+from rocmforge.errors import EngineDeadError, ModelExecutionError, RocmForgeError
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.outputs import TokenLogprobs
+
+if TYPE_CHECKING:
+    from rocmforge.settings import FaultInjection
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +62,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         kv_dtype: torch.dtype,
+        faults: FaultInjection | None = None,
     ) -> None:
         config = model.config
+        self.faults = faults if faults is not None and (faults.forward_error or faults.forward_fatal) else None
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -68,9 +92,51 @@ class ModelRunner:
         """Forget a finished request's per-request state (its random generator)."""
         self._generators.pop(request_id, None)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        scheduled = out.scheduled
+        """Compute one step; a failing batch is isolated request by request (module docstring)."""
+        try:
+            return self._execute(out.scheduled)
+        except Exception as exc:
+            if len(out.scheduled) < 2 or (isinstance(exc, RocmForgeError) and exc.is_fatal()):
+                raise
+            logger.warning("batched step of %d requests failed (%s: %s): running them one at a time",
+                           len(out.scheduled), type(exc).__name__, exc)
+            return self._execute_each(out.scheduled, exc)
+
+    def _execute_each(self, scheduled: list[ScheduledRequest], batch_error: Exception) -> RunnerOutput:
+        result = RunnerOutput(sampled={})
+        for item in scheduled:
+            rid = item.request.request_id
+            try:
+                alone = self._execute([item])
+            except Exception as exc:
+                if isinstance(exc, RocmForgeError) and exc.is_fatal():
+                    raise
+                logger.error("request %s fails on its own: %s: %s", rid, type(exc).__name__, exc,
+                             extra={"request_id": rid})
+                result.failed[rid] = f"{type(exc).__name__}: {exc}"
+                continue
+            result.sampled.update(alone.sampled)
+            result.logprobs.update(alone.logprobs)
+            result.prompt_logprobs.update(alone.prompt_logprobs)
+        if len(result.failed) == len(scheduled):
+            raise batch_error
+        return result
+
+    def _inject_faults(self, scheduled: list[ScheduledRequest]) -> None:
+        faults = self.faults
+        if faults is None:
+            return
+        for item in scheduled:
+            rid = item.request.request_id
+            if any(rid.startswith(prefix) for prefix in faults.forward_fatal):
+                raise EngineDeadError(f"injected fatal fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
+            if any(rid.startswith(prefix) for prefix in faults.forward_error):
+                raise ModelExecutionError(f"injected forward fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
+
+    @torch.inference_mode()
+    def _execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        self._inject_faults(scheduled)
         input_ids: list[int] = []
         positions: list[int] = []
         for item in scheduled:

@@ -80,6 +80,9 @@ class RunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[Any]]] = field(default_factory=dict)
     """request id -> (start_pos of the chunk, logprobs of the prompt tokens it predicts);
     opaque here, passed through to the engine."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """request id -> error message, for scheduled requests the runner could not compute
+    (the others in the batch went on): ``update`` finishes them with ``error``."""
 
 
 @dataclass(slots=True)
@@ -235,6 +238,12 @@ class Scheduler:
         for item in out.scheduled:
             request = item.request
             if request.is_finished:  # finished (e.g. cancelled) after schedule()
+                continue
+            failure = result.failed.get(request.request_id)
+            if failure is not None:  # its share of the step was not computed: do not advance
+                self._finish(request, FinishReason.ERROR, failure)
+                any_finished = True
+                updated.append(request)
                 continue
             request.num_computed_tokens += item.num_tokens
             bm.cache_full_blocks(request)

@@ -44,10 +44,11 @@ class Attention(nn.Module):
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache not bound: the model runner must call bind_kv_cache first")
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(tokens, self.num_heads, self.head_dim), rotation)
-        k = apply_rotary(k.view(tokens, self.num_kv_heads, self.head_dim), rotation)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Q and K heads rotate together: one RoPE call over [tokens, heads + kv_heads, head_dim].
+        qk = apply_rotary(qk.reshape(tokens, self.num_heads + self.num_kv_heads, self.head_dim), rotation)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 

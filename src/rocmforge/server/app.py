@@ -7,19 +7,22 @@ Out: an ASGI app. Building the engine and running uvicorn is :mod:`rocmforge.ser
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from rocmforge import __version__
+from rocmforge.device import memory_usage
 from rocmforge.server import native, openai_api
 from rocmforge.server.errors import install_error_handlers
-from rocmforge.server.metrics import make_registry, render
+from rocmforge.server.metrics import HttpMetrics, HttpMetricsMiddleware, make_registry, render
 from rocmforge.server.middleware import RequestContextMiddleware
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.state import ServerState
@@ -33,15 +36,16 @@ def create_app(state: ServerState) -> FastAPI:
         state.engine.start()
         if state.config.warmup:
             await _warm_up(state)
-        state.ready = True
-        logger.info("ready: serving %s", state.config.model_name)
+        if not state.draining:  # a signal may have arrived during the warm-up
+            state.ready = True
+            logger.info("ready: serving %s on %s", state.config.model_name, state.device)
         try:
             yield
         finally:
-            state.ready = False
-            state.draining = True
-            logger.info("draining: in-flight requests get %.0f s", state.config.shutdown_timeout)
-            await state.engine.shutdown(timeout=state.config.shutdown_timeout)
+            # `rocmforge serve` drains on the signal, before uvicorn stops (see serve.py): the
+            # engine is stopped by now and this returns at once. Under a plain ASGI server this
+            # is the drain.
+            await drain(state)
 
     app = FastAPI(
         title="rocmforge",
@@ -57,12 +61,22 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        """Liveness: answers from memory (no engine round trip); 503 only when the engine is dead."""
         engine = state.engine
         alive = engine.is_alive
+        memory = memory_usage(torch.device(state.device))
         body: dict[str, Any] = {
             "status": "ok" if alive else "dead",
             "version": __version__,
             "model": state.config.model_name,
+            "device": {
+                "name": state.device,
+                "fallback": state.device_fallback is not None,
+                "fallback_reason": state.device_fallback,
+            },
+            "memory": {"kind": memory.kind, "used_bytes": memory.used_bytes, "total_bytes": memory.total_bytes},
+            "draining": state.draining,
+            "uptime_s": round(time.time() - state.started_at, 3),
             "checks": {
                 "engine_loop": "alive" if alive else f"dead: {engine.dead_reason}",
                 "model_loaded": True,
@@ -73,10 +87,12 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        """Readiness: 200 only when the model is loaded and warmed up, the engine alive and
+        running, the server not draining and the queue below capacity; else 503 and why."""
         engine = state.engine
         reason = None
         if not engine.is_alive:
-            reason = "engine is dead"
+            reason = f"engine is dead: {engine.dead_reason}"
         elif state.draining:
             reason = "draining: shutting down"
         elif not state.ready:
@@ -102,7 +118,24 @@ def create_app(state: ServerState) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
         )
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))  # outermost: sees every request
     return app
+
+
+async def drain(state: ServerState, timeout: float | None = None) -> None:
+    """Close admission at once (``/ready`` 503, new requests 503 ``server_draining``), let
+    in-flight requests finish for up to ``timeout`` seconds (default: the configured shutdown
+    timeout), cancel the rest and stop the engine. Idempotent; a second call with a shorter
+    timeout brings the deadline forward."""
+    if not state.draining:
+        state.draining = True
+        logger.warning(
+            "draining: %d running and %d waiting requests get up to %.1f s",
+            state.engine.num_running, state.engine.num_waiting,
+            state.config.shutdown_timeout if timeout is None else timeout,
+        )
+    state.ready = False
+    await state.engine.shutdown(timeout=state.config.shutdown_timeout if timeout is None else timeout)
 
 
 async def _warm_up(state: ServerState) -> None:

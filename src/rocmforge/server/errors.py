@@ -54,7 +54,9 @@ def rocmforge_error_response(exc: RocmForgeError, request_id: str | None) -> JSO
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RocmForgeError)
     async def _rocmforge(request: Request, exc: RocmForgeError) -> JSONResponse:
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and exc.is_recoverable():  # e.g. draining: expected, no traceback
+            logger.warning("request refused: %s", exc)
+        elif exc.http_status >= 500:
             logger.error("request failed: %s", exc, exc_info=exc)
         return rocmforge_error_response(exc, request_id_of(request))
 

@@ -2,7 +2,8 @@
 ``/models``, ``/tokenize``, ``/detokenize``.
 
 In: JSON bodies (:mod:`rocmforge.server.protocol`). Out: JSON, or server-sent events
-(``event: delta`` per text delta, then ``event: done`` with the finish reason and usage, or
+(``event: delta`` per text delta, then ``event: done`` with the finish reason and usage, plus a
+``message`` when the engine ended the request early, e.g. cancelled at shutdown, or
 ``event: error`` with the error shape).
 """
 
@@ -93,6 +94,8 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
                                     "total_tokens": output.num_prompt_tokens + output.num_output_tokens,
                                 },
                                 "timings": timings(status),
+                                # Why the engine ended it early (e.g. cancelled at shutdown).
+                                **({"message": output.error} if output.error else {}),
                             },
                             event="done",
                         )

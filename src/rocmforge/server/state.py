@@ -1,4 +1,9 @@
-"""What the routes share: the engine, the tokenizer, the server's configuration."""
+"""What the routes share: the engine, the tokenizer, the server's configuration, and the
+lifecycle flags the probes read (``ready``, ``draining``).
+
+Lifecycle: loading (no HTTP listener yet) -> warming up (``ready`` False) -> serving
+(``ready`` True) -> draining (``draining`` True: a signal arrived, admission is closed,
+in-flight requests finish or are cancelled at the shutdown timeout) -> exit."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ class ServerConfig:
     default_max_tokens: int = 256
     """``max_tokens`` of OpenAI requests that leave it out (capped by the context left)."""
     shutdown_timeout: float = 30.0
-    """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
+    """Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled."""
     warmup: bool = True
     """Run one short generation at start-up before reporting ready."""
 
@@ -32,8 +37,12 @@ class ServerState:
     tokenizer: Tokenizer
     config: ServerConfig
     model_path: str
+    device: str = "cpu"
+    """Where the model runs: ``cpu`` or ``cuda:N``."""
+    device_fallback: str | None = None
+    """Why the model runs on the CPU although ``auto`` wanted the GPU; None if it did not fall back."""
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     """A warm-up request has run: the server answers real requests at full speed."""
     draining: bool = False
-    """Shutting down: admission is closed."""
+    """Shutting down: admission is closed (new requests get 503 ``server_draining``)."""

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import Request
 
 from rocmforge.engine.async_engine import AsyncEngine, RequestStatus, RequestStream
-from rocmforge.errors import EngineDeadError
+from rocmforge.errors import ServerDrainingError
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.state import ServerState
@@ -21,7 +21,7 @@ DISCONNECT_POLL_S = 0.2
 
 async def submit(state: ServerState, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
     if state.draining:
-        raise EngineDeadError("the server is shutting down and accepts no new requests")
+        raise ServerDrainingError("the server is shutting down and accepts no new requests")
     return await state.engine.submit(prompt_ids, params, request_id=request_id)
 
 

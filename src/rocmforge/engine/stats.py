@@ -1,0 +1,89 @@
+"""Engine statistics: plain dataclasses, and the protocol of whoever consumes them.
+
+Flows in: the :class:`~rocmforge.engine.async_engine.AsyncEngine`'s engine thread fills one
+:class:`IterationStats` per round of its loop (the commands it handled, then at most one
+``step()``), with one :class:`FinishedRequestStats` per request that ended in it.
+Flows out: to every :class:`StatsLogger` attached to the engine, on the engine thread,
+before the round's outputs are delivered. Without a logger nothing here is built.
+
+This module knows nothing about Prometheus; :mod:`rocmforge.server.metrics` exports these.
+
+Counting rules (none of them double counts a preempted and recomputed request):
+
+* a prompt counts once, in the round that sampled the request's first token (prefix-cache
+  hits included: those tokens were served, just not computed);
+* a generated token counts in the round that delivered it; tokens are never re-emitted;
+* preemptions and prefix-cache queries / hits are deltas of the scheduler's cumulative
+  counters since the previous report.
+
+Times are ``time.monotonic()`` differences in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequestStats:
+    """One request's life, reported once when it finishes (for any reason)."""
+
+    finish_reason: str
+    """``stop`` | ``length`` | ``cancelled`` | ``error``."""
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    """Prompt tokens the prefix cache served at the last admission."""
+    num_preemptions: int
+    e2e_s: float
+    """Arrival to finish."""
+    queue_s: float | None
+    """Arrival to first scheduled; ``None`` if it never left the queue."""
+    prefill_s: float | None
+    """First scheduled to first token (recompute after a preemption before the first
+    token included); ``None`` without a first token."""
+    decode_s: float | None
+    """First token to finish; ``None`` without a first token."""
+    ttft_s: float | None
+    """Arrival to first token; ``None`` without a first token."""
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one round of the engine loop did (the counters are deltas, not totals)."""
+
+    num_steps: int = 0
+    """Engine steps that completed in this round: 0 or 1."""
+    step_duration_s: float = 0.0
+    """Wall time of the completed step (schedule, forward, sample, detokenize)."""
+    num_prompt_tokens: int = 0
+    """Prompt tokens of the requests that got their first token in this round."""
+    num_generation_tokens: int = 0
+    """Output tokens delivered in this round."""
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    """Tokens looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens served from it."""
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    """Arrival to first token, one entry per request that got its first token."""
+    inter_token_latencies: list[float] = field(default_factory=list)
+    """Gap between consecutive tokens of a request, one entry per token after its first."""
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (
+            self.num_steps
+            or self.num_preemptions
+            or self.prefix_cache_queries
+            or self.finished_requests
+        )
+
+
+class StatsLogger(Protocol):
+    """Receives the engine's statistics. Called on the engine thread after every round that
+    did something: keep it quick (update counters, no I/O) and thread-safe for readers on
+    other threads. An exception it raises is logged and otherwise ignored."""
+
+    def record(self, stats: IterationStats) -> None: ...

@@ -1,0 +1,146 @@
+"""Device selection, the GPU -> CPU fallback of ``device="auto"``, the translation of torch
+device errors and the memory numbers ``/health`` reports. Runs on the CPU: GPU failures are
+simulated (``ROCMFORGE_FAULT_INJECT=gpu_init``, or a loader that raises torch's OOM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import rocmforge.llm as llm_module
+from rocmforge.device import device_error, memory_usage, resolve_device
+from rocmforge.errors import ConfigError, DeviceError, DeviceOutOfMemoryError
+from rocmforge.llm import LLM
+from rocmforge.sampling_params import SamplingParams
+from rocmforge.settings import FaultInjection, Settings
+from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
+
+SPEC = SyntheticSpec(tie_embeddings=False, max_context=256)
+OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)"
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("device") / "tiny.gguf"
+    write_gguf(path, SPEC, random_hf_weights(SPEC, seed=3), seed=3)
+    return path
+
+
+def test_cpu_and_unknown_specs() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ", fail_gpu_init=True) == torch.device("cpu")  # no GPU probe for cpu
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(ConfigError):
+            resolve_device(bad)
+
+
+def test_simulated_gpu_init_failure_is_a_device_error_with_its_cause() -> None:
+    for spec in ("auto", "cuda", "cuda:0"):
+        with pytest.raises(DeviceError) as info:
+            resolve_device(spec, fail_gpu_init=True)
+        assert "could not be initialised" in info.value.message
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert "ROCMFORGE_FAULT_INJECT=gpu_init" in str(info.value.__cause__)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_auto_without_a_gpu_is_the_cpu_and_cuda_is_an_error() -> None:
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(DeviceError, match="no CUDA/ROCm GPU"):
+        resolve_device("cuda")
+
+
+def test_torch_oom_becomes_device_out_of_memory_naming_the_sizes() -> None:
+    cause = torch.cuda.OutOfMemoryError(OOM_MESSAGE)
+    error = device_error(cause, torch.device("cuda", 0), "loading the model", needed_bytes=3 << 30)
+    assert isinstance(error, DeviceOutOfMemoryError)
+    assert error.message == "out of memory on cuda:0 while loading the model (needs about 3.0 GiB, failed allocating 2.00 GiB)"
+    assert error.details["needed_bytes"] == 3 << 30
+    other = device_error(RuntimeError("HIP error: invalid device function"), torch.device("cuda", 1), "loading")
+    assert type(other) is DeviceError and "cuda:1" in other.message and "invalid device function" in other.message
+    assert device_error(error, torch.device("cuda", 0), "again") is error
+
+
+def test_memory_usage_on_the_cpu_is_the_process_rss_against_the_ram() -> None:
+    import resource
+
+    memory = memory_usage(torch.device("cpu"))
+    assert memory.kind == "process_rss"
+    assert memory.used_bytes is not None and memory.total_bytes is not None
+    # The current resident set: at least the interpreter and torch, about the peak at most.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 10 << 20 < memory.used_bytes <= peak + (8 << 20)
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():  # Linux: the kernel's own account of the process and of the machine
+        status = Path("/proc/self/status").read_text()
+        vm_rss_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        assert abs(memory.used_bytes - vm_rss_kib * 1024) < 8 << 20
+        total_kib = next(int(line.split()[1]) for line in meminfo.read_text().splitlines()
+                         if line.startswith("MemTotal:"))
+        assert memory.total_bytes == total_kib * 1024
+
+
+def test_auto_falls_back_to_the_cpu_when_gpu_init_fails(gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="rocmforge.llm"):
+        llm = LLM(gguf, device="auto", dtype="float16", faults=FaultInjection(gpu_init=True))
+    assert llm.device == torch.device("cpu")
+    assert llm.dtype == torch.float32  # float16 has no CPU kernels: the fallback uses the CPU default
+    assert llm.device_fallback is not None and "simulated GPU initialisation failure" in llm.device_fallback
+    assert any("falling back to the CPU" in r.getMessage() for r in caplog.records)
+    [completion] = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(completion.token_ids) == 3
+
+
+def test_no_fallback_recorded_when_the_cpu_was_asked_for(gguf: Path) -> None:
+    llm = LLM(gguf, device="cpu", faults=FaultInjection(gpu_init=True))
+    assert llm.device == torch.device("cpu") and llm.device_fallback is None
+
+
+def test_explicit_cuda_never_falls_back(gguf: Path) -> None:
+    with pytest.raises(DeviceError) as info:
+        LLM(gguf, device="cuda", faults=FaultInjection(gpu_init=True))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.fixture
+def gpu_that_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A visible GPU on which placing the weights raises torch's out-of-memory error."""
+    real_load = llm_module.load_model
+
+    def fake_resolve(spec: str, gpu_index: int = 0, *, fail_gpu_init: bool = False) -> torch.device:
+        return torch.device("cpu") if spec == "cpu" else torch.device("cuda", 0)
+
+    def load(gguf, *, device, **kwargs):  # noqa: ANN001, ANN003, ANN202 - mirrors load_model
+        if device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
+        return real_load(gguf, device=device, **kwargs)
+
+    monkeypatch.setattr(llm_module, "resolve_device", fake_resolve)
+    monkeypatch.setattr(llm_module, "load_model", load)
+
+
+@pytest.mark.usefixtures("gpu_that_runs_out_of_memory")
+def test_auto_falls_back_when_the_weights_do_not_fit_on_the_gpu(gguf: Path) -> None:
+    llm = LLM(gguf, device="auto")
+    assert llm.device == torch.device("cpu") and llm.dtype == torch.float32
+    assert llm.device_fallback is not None
+    assert llm.device_fallback.startswith("out of memory on cuda:0 while loading the model (needs about ")
+    assert "failed allocating 2.00 GiB" in llm.device_fallback
+
+
+@pytest.mark.usefixtures("gpu_that_runs_out_of_memory")
+def test_explicit_cuda_out_of_memory_is_typed_and_keeps_its_cause(gguf: Path) -> None:
+    with pytest.raises(DeviceOutOfMemoryError) as info:
+        LLM(gguf, device="cuda")
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert info.value.details["needed_bytes"] > 0  # the weights' size at the GPU dtype (bf16)
+    assert info.value.http_status == 503 and info.value.code == "device_out_of_memory"
+
+
+def test_settings_pass_the_faults_down(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROCMFORGE_FAULT_INJECT", "gpu_init")
+    settings = Settings(_env_file=None, gguf=str(gguf), device="auto", kv_cache_memory=4 << 20)
+    llm = LLM.from_settings(settings)
+    assert llm.device == torch.device("cpu") and llm.device_fallback is not None
