@@ -13,6 +13,10 @@ Every error rocmforge raises on purpose is a :class:`RocmForgeError`.  Each carr
 Lower-level exceptions (``OSError``, torch out-of-memory, jinja errors, ...) are translated
 into these at module boundaries with ``raise ... from exc`` so the cause is kept.
 
+Among the recoverable errors, :func:`is_transient` picks those worth retrying unchanged (a
+device hiccup); out-of-memory is recoverable but needs a smaller batch, and overload or
+draining need the client to come back later, so neither is transient.
+
 The class tree mirrors the package: GGUF/loader, tokenizer, model, KV cache, scheduler,
 device, server.
 """
@@ -53,6 +57,10 @@ class RocmForgeError(Exception):
 
     def is_fatal(self) -> bool:
         return self.category is ErrorCategory.FATAL
+
+    def is_transient(self) -> bool:
+        """Worth retrying the same work unchanged after a short wait (see :func:`is_transient`)."""
+        return self.is_recoverable() and not isinstance(self, _NOT_TRANSIENT)
 
     def to_dict(self) -> dict[str, Any]:
         """The body of the JSON error shape (without the request id, which the server adds)."""
@@ -229,3 +237,18 @@ class ServerDrainingError(ServerError):
     category = ErrorCategory.RECOVERABLE
     code = "server_draining"
     http_status = 503
+
+
+_NOT_TRANSIENT: tuple[type[RocmForgeError], ...] = (
+    DeviceOutOfMemoryError,  # retrying the same batch fails the same way: shrink it instead
+    OutOfKVBlocksError,  # the scheduler preempts instead
+    OverloadedError,  # the client retries later
+    ServerDrainingError,  # the client retries elsewhere
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a :class:`RocmForgeError` of the ``recoverable`` category that retrying the
+    same work unchanged may cure (e.g. a :class:`DeviceError` raised by a step); False for
+    out-of-memory, overload, draining and every non-recoverable or foreign exception."""
+    return isinstance(exc, RocmForgeError) and exc.is_transient()

@@ -15,6 +15,10 @@ out-of-memory included), the model is loaded on the CPU instead, a warning is lo
 falls back: the failure is a :class:`~rocmforge.errors.DeviceError`
 (:class:`~rocmforge.errors.DeviceOutOfMemoryError` for out-of-memory) with the torch error
 as its cause.
+
+Loading logs at INFO (logger ``rocmforge.llm``): the file, its architecture and parameter
+count; the device, dtype and weight format; progress at each quarter of the tensors; the load
+time and the KV cache (blocks, tokens, bytes).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,11 +89,20 @@ class LLM:
         the GPU memory left after the weights).
         ``faults``: a testing aid (``ROCMFORGE_FAULT_INJECT``), None in production."""
         faults = faults or FaultInjection()
+        started = time.perf_counter()
         self.path = resolve_model(model, Path(models_dir) if models_dir else default_models_dir())
         self.device_fallback: str | None = None
         """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
         gguf = read_gguf(self.path)
         try:
+            self.num_parameters = sum(t.n_elements for t in gguf.tensors.values())
+            """Parameters in the file's tensors (the model's weights)."""
+            logger.info(
+                "loading %s: %s, %s parameters, %d tensors, %s on disk", self.path,
+                gguf.metadata.get("general.architecture", "unknown architecture"), _count(self.num_parameters),
+                len(gguf.tensors), _bytes(self.path.stat().st_size),
+            )
+            progress = _logging_progress(progress)
             self.metadata: Mapping[str, Any] = gguf.metadata
             self.tokenizer = (
                 Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
@@ -140,6 +154,15 @@ class LLM:
         )
         self.engine = LLMEngine(runner, self.tokenizer, scheduler)
         self._ids = itertools.count()
+        self.load_seconds = time.perf_counter() - started
+        """Wall time ``__init__`` took: reading the file, placing the weights, the KV cache."""
+        kv_bytes = runner.num_blocks * kv_block_bytes(self.config, block_size, self.dtype)
+        logger.info(
+            "model loaded in %.2f s on %s (%s, %s weights): KV cache %d blocks x %d tokens = %d tokens, %s; "
+            "context %d tokens, at most %d running requests", self.load_seconds, self.device,
+            str(self.dtype).removeprefix("torch."), weight_format, runner.num_blocks, block_size,
+            runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len, max_num_seqs,
+        )
 
     def _build(
         self,
@@ -159,6 +182,8 @@ class LLM:
         ``config`` and ``max_model_len``. Torch errors propagate (the caller translates)."""
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
+        logger.info("placing the weights on %s as %s (%s)", device, str(self.dtype).removeprefix("torch."),
+                    weight_format)
         loaded = load_model(
             gguf,
             device=device,
@@ -338,6 +363,36 @@ class LLM:
             )
             for request_id, params in zip(order, param_list)
         ]
+
+
+def _logging_progress(progress: ProgressCallback | None) -> ProgressCallback:
+    """``progress``, also logging each quarter of the tensors loaded at INFO."""
+    logged = [-1]
+
+    def report(done: int, total: int) -> None:
+        quarter = 4 * done // total if total > 0 else 4
+        if quarter > logged[0]:
+            logged[0] = quarter
+            if quarter > 0:
+                logger.info("loading weights: %d%% (%d of %d tensors)", 25 * quarter, done, total)
+        if progress is not None:
+            progress(done, total)
+
+    return report
+
+
+def _count(n: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
+def _bytes(n: int) -> str:
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 def _weight_bytes(gguf: GGUFFile, dtype: torch.dtype) -> int:

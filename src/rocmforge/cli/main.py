@@ -4,12 +4,17 @@ The only place (with the server's startup) that prints: everything below it logs
 one friendly line on stderr and a documented exit code; ``--debug`` adds the traceback.
 
 Exit codes: 0 success; 1 runtime error (model, device, engine); 2 usage error (bad flag or
-value); 3 server unreachable; 4 not found (model file, request id).
+value, an invalid ``ROCMFORGE_*`` setting: every command validates the settings first and
+names the bad variable or flag); 3 server unreachable; 4 not found (model file, request id).
+
+With ``ROCMFORGE_LOG_FORMAT=json`` the lines the CLI writes to stderr on purpose (the
+``serving ...`` notice, an error) are JSON log records too, so every stderr line parses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from rocmforge import __version__
-from rocmforge.errors import ModelNotFoundError, RequestNotFoundError, RocmForgeError
-from rocmforge.logs import setup_logging
+from rocmforge.errors import ConfigError, ModelNotFoundError, RequestNotFoundError, RocmForgeError
+from rocmforge.logs import JsonFormatter, setup_logging
 from rocmforge.settings import Settings, load_settings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -42,6 +47,8 @@ class _State:
     debug = False
     host: str | None = None
     api_key: str | None = None
+    json_logs = False
+    """``ROCMFORGE_LOG_FORMAT=json``: the CLI's own stderr lines are JSON records too."""
 
 
 def _version(value: bool) -> None:
@@ -66,7 +73,8 @@ def _main(
     _State.debug = debug
     _State.host = host
     _State.api_key = api_key
-    settings = load_settings()
+    settings = load_settings()  # every command validates the whole configuration first
+    _State.json_logs = settings.log_format == "json"
     setup_logging(
         "debug" if debug else settings.log_level,
         settings.log_format,
@@ -188,8 +196,6 @@ def serve(
     SIGTERM/SIGINT drain: admission closes at once (/ready answers 503), in-flight requests
     get the shutdown timeout to finish, the rest are cancelled, and the process exits 0. A
     second signal cancels everything at once."""
-    import logging
-
     from rocmforge.server.serve import Address, build_state
     from rocmforge.server.serve import serve as run_server
 
@@ -201,8 +207,7 @@ def serve(
     address = Address.parse(settings.addr)
     state = _with_progress(lambda progress: build_state(settings, progress))
     where = state.device if state.device_fallback is None else f"{state.device} (GPU fallback: {state.device_fallback})"
-    err.print(f"serving {state.config.model_name} on http://{address.host}:{address.port}, device {where}",
-              highlight=False, soft_wrap=True, markup=False)
+    _notice(f"serving {state.config.model_name} on http://{address.host}:{address.port}, device {where}")
     run_server(state, address)
     logging.shutdown()  # flush every handler (the log file included) before exiting
     sys.exit(EXIT_OK)
@@ -318,8 +323,12 @@ class RemoteError(RocmForgeError):
 
 
 def _with_progress(build: Any) -> Any:
-    """Run ``build(progress_callback)`` under a model-loading progress bar on stderr."""
+    """Run ``build(progress_callback)`` under a model-loading progress bar on stderr (only on a
+    terminal, and not under JSON logs: the loader logs its progress too)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if _State.json_logs or not err.is_terminal:
+        return build(None)
 
     with Progress(TextColumn("loading model"), BarColumn(), TimeElapsedColumn(), console=err, transient=True) as bar:
         task = bar.add_task("load", total=None)
@@ -388,6 +397,9 @@ def _report(exc: Exception) -> int:
     if isinstance(exc, (ModelNotFoundError, RequestNotFoundError)):
         _error_line(str(exc))
         return EXIT_NOT_FOUND
+    if isinstance(exc, ConfigError):
+        _error_line(str(exc))
+        return EXIT_USAGE
     if isinstance(exc, RocmForgeError):
         _error_line(str(exc))
         return EXIT_RUNTIME
@@ -397,7 +409,25 @@ def _report(exc: Exception) -> int:
 
 def _error_line(message: str) -> None:
     """One line on stderr, however long (no wrapping), with the message's brackets shown
-    as text rather than read as rich markup."""
+    as text rather than read as rich markup (a JSON record under JSON logs)."""
     from rich.markup import escape
 
+    if _State.json_logs:
+        _json_line(logging.ERROR, message)
+        return
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _notice(message: str) -> None:
+    """A line the CLI writes to stderr on purpose, whatever the log level: plain text, or a
+    JSON record (level INFO, logger ``rocmforge.cli``) under JSON logs."""
+    if _State.json_logs:
+        _json_line(logging.INFO, message)
+        return
+    err.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
+def _json_line(level: int, message: str) -> None:
+    record = logging.LogRecord("rocmforge.cli", level, __file__, 0, message, None, None)
+    sys.stderr.write(JsonFormatter().format(record) + "\n")
+    sys.stderr.flush()

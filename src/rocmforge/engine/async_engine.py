@@ -37,18 +37,24 @@ delivered output.
 
 Failure handling:
 
-* ``step()`` raises (model error, device OOM, a bug in one step): the requests that were in
-  the step's batch — the running requests — are finished with ``error`` (their streams get
-  a final output with ``error`` text), the exception is logged, and the engine keeps
-  serving the waiting ones. ``max_consecutive_failures`` failed steps in a row mean the
-  device is broken: the engine is marked dead. (A batch that fails is first re-run request
-  by request by the model runner, which fails only the requests that fail alone; ``step()``
-  raises only when they all do, or the batch held one request.)
+* ``step()`` raises (a model error, out of memory or transient device errors that its
+  bounded retries did not cure: :mod:`rocmforge.engine.recovery`; a bug in one step): the
+  requests that were in the step's batch — the running requests — are finished with
+  ``error`` (their streams get a final output with ``error`` text), the exception is logged,
+  and the engine keeps serving the waiting ones. ``max_consecutive_failures`` failed steps in
+  a row mean the device is broken: the engine is marked dead. (A batch that fails is first
+  re-run request by request by the model runner, which fails only the requests that fail
+  alone; ``step()`` raises only when they all do, or the batch held one request.)
 * Requests still in flight at the shutdown deadline end ``cancelled`` with
   :data:`SHUTDOWN_CANCEL_MESSAGE` as their ``error`` text.
 * A :class:`~rocmforge.errors.RocmForgeError` whose ``is_fatal()`` is true marks the engine
   dead at once: every live stream gets an ``error`` final output, ``submit`` raises
   :class:`~rocmforge.errors.EngineDeadError` from then on, ``status`` keeps working.
+
+Logging: the engine thread logs on a request's behalf with ``extra={"request_id": rid}`` (the
+HTTP request context does not cross into the thread): admitted or refused (DEBUG), finished
+with its reason and token counts or cancelled (INFO), failed (WARNING). Engine state changes
+(started, draining, dead, stopped) carry no request id.
 
 Consumers that go away cancel their request: ``RequestStream.aclose()`` (also the
 ``async with`` exit), cancelling the task that awaits the stream's next output, and the
@@ -296,7 +302,6 @@ class AsyncEngine:
                 return
             self._thread = threading.Thread(target=self._run, name="rocmforge-engine", daemon=True)
             self._thread.start()
-        logger.info("engine thread started")
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting, let in-flight requests finish for up to ``timeout`` seconds, then
@@ -492,6 +497,10 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self._engine
+        # Logged here, on the engine thread: the caller's (a request's) log context stays out.
+        logger.info("engine started: %d KV blocks, at most %d running and %d waiting requests",
+                    engine.scheduler.block_manager.num_blocks, engine.scheduler.scheduler_config.max_num_seqs,
+                    self.max_waiting)
         try:
             while True:
                 for command in self._wait_for_work():
@@ -561,7 +570,8 @@ class AsyncEngine:
                 self._accepting = False
             if command.reply is not None:
                 self._shutdown_replies.append(command.reply)
-            logger.info("shutting down: %d requests in flight", len(self._tracked))
+            logger.info("engine draining: admission closed, %d requests in flight get %.1f s",
+                        len(self._tracked), max(0.0, self._deadline - time.monotonic()))
 
     def _handle_submit(self, command: _Submit) -> None:
         rid = command.request_id
@@ -571,15 +581,19 @@ class AsyncEngine:
         try:
             request = self._engine.add_request(rid, command.prompt_token_ids, command.params)
         except RocmForgeError as exc:
+            logger.debug("request %s refused: %s", rid, exc, extra={"request_id": rid})
             self._answer_error(command.reply, exc)
             return
         except Exception as exc:  # not the request's fault: report as a server error
-            logger.exception("add_request failed for %s", rid)
+            logger.exception("add_request failed for %s", rid, extra={"request_id": rid})
             self._answer_error(command.reply, ModelExecutionError(f"could not queue the request: {exc}"))
             return
         self._tracked[rid] = _Tracked(command.sink, request)
         self._finished_status.pop(rid, None)  # a finished id may be reused
         self._live_status[rid] = _snapshot(request)
+        logger.debug("request %s admitted: %d prompt tokens, max_tokens %d, %d waiting", rid,
+                     request.num_prompt_tokens, request.params.max_tokens, self._engine.scheduler.num_waiting,
+                     extra={"request_id": rid})
         self._answer(command.reply, None)
 
     def _handle_cancel(self, command: _Cancel) -> None:
@@ -594,8 +608,7 @@ class AsyncEngine:
             return
         cancelled = not request.is_finished
         if cancelled:
-            self._abort(rid, FinishReason.CANCELLED)
-            logger.debug("cancelled %s", rid)
+            self._abort(rid, FinishReason.CANCELLED)  # _finalize logs it
         self._answer(command.reply, cancelled)
 
     def _drain_done(self) -> bool:
@@ -662,12 +675,13 @@ class AsyncEngine:
         with self._cond:
             self._dead = reason
             self._accepting = False
+        logger.error("engine dead: %s (failing %d requests in flight)", reason, len(self._tracked))
         error = f"the engine died: {reason}"
         for rid in list(self._tracked):
             try:
                 self._abort(rid, FinishReason.ERROR, error)
             except Exception:  # the engine state may be broken: still end the stream
-                logger.exception("could not abort %s", rid)
+                logger.exception("could not abort %s", rid, extra={"request_id": rid})
                 tracked = self._tracked.pop(rid)
                 self._send(tracked.sink, _final(rid, tracked.text, FinishReason.ERROR, error))
         self._flush()
@@ -697,6 +711,7 @@ class AsyncEngine:
         iteration = self._collecting()
         if iteration is not None:
             iteration.finished_requests.append(_finished_stats(status))
+        _log_finished(status)
         self._live_status.pop(rid, None)
         if len(self._finished_status) > self._finished_history:
             self._finished_status.popitem(last=False)
@@ -717,7 +732,7 @@ class AsyncEngine:
                     orphans.extend(sink.request_id for sink, out in items if not out.finished)
             for rid in orphans:
                 if rid in self._tracked:
-                    logger.info("event loop of %s is closed: cancelling it", rid)
+                    logger.info("event loop of request %s is closed: cancelling it", rid, extra={"request_id": rid})
                     self._abort(rid, FinishReason.CANCELLED)
 
     def _publish(self) -> None:
@@ -937,6 +952,24 @@ def _count_tokens(iteration: IterationStats | None, tracked: _Tracked, num_token
         iteration.time_to_first_tokens.append(first - request.arrival_time)
     else:
         iteration.inter_token_latencies.append(now - last)
+
+
+def _log_finished(status: RequestStatus) -> None:
+    """One line per request that ended, for whatever reason, tagged with its id."""
+    rid = status.request_id
+    end = status.finished_time if status.finished_time is not None else time.monotonic()
+    counts = (status.num_prompt_tokens, status.num_output_tokens, end - status.arrival_time)
+    extra = {"request_id": rid}
+    if status.finish_reason == FinishReason.ERROR.value:
+        logger.warning("request %s failed after %d prompt + %d generated tokens (%.3f s): %s", rid, *counts,
+                       status.error, extra=extra)
+    elif status.finish_reason == FinishReason.CANCELLED.value:
+        why = f": {status.error}" if status.error else ""
+        logger.info("request %s cancelled after %d prompt + %d generated tokens (%.3f s)%s", rid, *counts, why,
+                    extra=extra)
+    else:
+        logger.info("request %s finished (%s): %d prompt + %d generated tokens in %.3f s, %d cached, %d preemptions",
+                    rid, status.finish_reason, *counts, status.num_cached_tokens, status.num_preemptions, extra=extra)
 
 
 def _finished_stats(status: RequestStatus) -> FinishedRequestStats:

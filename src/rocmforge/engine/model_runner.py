@@ -9,10 +9,18 @@ In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
 Out: :class:`~rocmforge.engine.scheduler.RunnerOutput` (sampled token per sampling request,
 its logprobs, and prompt logprobs for requests that asked for them).
 
-Failure isolation. When a batched step raises (anything but a fatal
-:class:`~rocmforge.errors.RocmForgeError`), the runner re-runs each request of the batch
-alone: requests that succeed alone get their results as usual, requests that fail alone are
-reported in ``RunnerOutput.failed`` (the scheduler finishes them with ``error``), so one bad
+Errors at the boundary. torch's device out-of-memory errors (``torch.cuda.OutOfMemoryError``,
+and the CPU allocator's ``RuntimeError`` "can't allocate memory") leave :meth:`execute` as
+:class:`~rocmforge.errors.DeviceOutOfMemoryError` (the torch error as its cause), after the
+allocator's cached blocks are handed back (``torch.cuda.empty_cache()`` on a GPU). An
+out-of-memory error, a transient error (:func:`~rocmforge.errors.is_transient`, e.g. a
+:class:`~rocmforge.errors.DeviceError`) and a fatal error are raised as they are: the engine
+shrinks the batch, retries after a backoff or dies (:mod:`rocmforge.engine.recovery`).
+
+Failure isolation. When a batched step raises anything else, the runner re-runs each request
+of the batch alone (the engine also calls :meth:`ModelRunner.execute_isolated` once its
+retries of a transient error are spent): requests that succeed alone get their results as
+usual, requests that fail alone are reported in ``RunnerOutput.failed`` (the scheduler finishes them with ``error``), so one bad
 request does not take its batch-mates down. Re-running is safe: a request's share of the
 step writes the same KV slots with the same values (the failed attempt may have written some
 of them already), and a request the failed attempt had already sampled for is sampled again
@@ -21,15 +29,18 @@ device, not a request, is at fault: the original error is raised and the engine'
 policy applies. A fatal error is raised at once, batched or alone.
 
 Fault injection (tests only, ``ROCMFORGE_FAULT_INJECT``; see
-:class:`~rocmforge.settings.FaultInjection`): a step whose batch holds a request whose id
-starts with a ``forward_error`` / ``forward_fatal`` prefix raises
-:class:`~rocmforge.errors.ModelExecutionError` / :class:`~rocmforge.errors.EngineDeadError`
-before the forward pass.
+:class:`~rocmforge.settings.FaultInjection`), checked before each forward pass (batched or
+alone): a batch holding a request whose id starts with a ``forward_error`` /
+``forward_fatal`` prefix raises :class:`~rocmforge.errors.ModelExecutionError` /
+:class:`~rocmforge.errors.EngineDeadError`; while ``transient`` passes are left, the pass
+raises a :class:`~rocmforge.errors.DeviceError`; a pass over more than ``oom_over`` batched
+tokens raises the device's own torch out-of-memory error (so the translation above runs).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +48,13 @@ import torch
 from rocmforge.attention import AttentionMetadata
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
-from rocmforge.errors import EngineDeadError, ModelExecutionError, RocmForgeError
+from rocmforge.errors import (
+    DeviceError,
+    DeviceOutOfMemoryError,
+    EngineDeadError,
+    ModelExecutionError,
+    RocmForgeError,
+)
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.outputs import TokenLogprobs
@@ -46,6 +63,9 @@ if TYPE_CHECKING:
     from rocmforge.settings import FaultInjection
 
 logger = logging.getLogger(__name__)
+
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|failed to allocate",
+                            re.IGNORECASE)
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -65,7 +85,8 @@ class ModelRunner:
         faults: FaultInjection | None = None,
     ) -> None:
         config = model.config
-        self.faults = faults if faults is not None and (faults.forward_error or faults.forward_fatal) else None
+        self.faults = faults if faults is not None and faults.affects_forward else None
+        self._transient_faults_left = faults.transient if faults is not None else 0
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -93,22 +114,31 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Compute one step; a failing batch is isolated request by request (module docstring)."""
+        """Compute one step. Out-of-memory, transient and fatal errors are raised for the
+        engine to handle; any other failure of a batch is isolated request by request (module
+        docstring)."""
         try:
-            return self._execute(out.scheduled)
+            return self._forward(out.scheduled)
         except Exception as exc:
-            if len(out.scheduled) < 2 or (isinstance(exc, RocmForgeError) and exc.is_fatal()):
+            if isinstance(exc, RocmForgeError) and (exc.is_fatal() or exc.is_transient()
+                                                    or isinstance(exc, DeviceOutOfMemoryError)):
                 raise
-            logger.warning("batched step of %d requests failed (%s: %s): running them one at a time",
-                           len(out.scheduled), type(exc).__name__, exc)
-            return self._execute_each(out.scheduled, exc)
+            return self.execute_isolated(out, exc)
 
-    def _execute_each(self, scheduled: list[ScheduledRequest], batch_error: Exception) -> RunnerOutput:
+    def execute_isolated(self, out: SchedulerOutput, batch_error: Exception) -> RunnerOutput:
+        """The batch ``out`` failed with ``batch_error``: re-run each request alone. Requests
+        that fail alone too are reported in ``failed``; if all of them do (or the batch held
+        one request), ``batch_error`` is raised. A fatal error is raised at once."""
+        scheduled = out.scheduled
+        if len(scheduled) < 2:
+            raise batch_error
+        logger.warning("batched step of %d requests failed (%s: %s): running them one at a time",
+                       len(scheduled), type(batch_error).__name__, batch_error)
         result = RunnerOutput(sampled={})
         for item in scheduled:
             rid = item.request.request_id
             try:
-                alone = self._execute([item])
+                alone = self._forward([item])
             except Exception as exc:
                 if isinstance(exc, RocmForgeError) and exc.is_fatal():
                     raise
@@ -123,6 +153,31 @@ class ModelRunner:
             raise batch_error
         return result
 
+    def free_cached_memory(self) -> None:
+        """Hand the allocator's cached, unused device blocks back (a GPU; nothing on the CPU)."""
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a device in trouble: the retry will tell
+            logger.warning("could not empty the CUDA cache: %s", exc)
+
+    def _forward(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        """``_execute``, with torch's out-of-memory errors translated (module docstring)."""
+        try:
+            return self._execute(scheduled)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
+            if not _is_out_of_memory(exc):
+                raise
+            self.free_cached_memory()
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            num_tokens = sum(item.num_tokens for item in scheduled)
+            raise DeviceOutOfMemoryError(
+                f"out of memory on {self.device} running a step of {len(scheduled)} requests "
+                f"({num_tokens} tokens): {detail}",
+                device=str(self.device), num_requests=len(scheduled), num_tokens=num_tokens,
+            ) from exc
+
     def _inject_faults(self, scheduled: list[ScheduledRequest]) -> None:
         faults = self.faults
         if faults is None:
@@ -133,6 +188,19 @@ class ModelRunner:
                 raise EngineDeadError(f"injected fatal fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
             if any(rid.startswith(prefix) for prefix in faults.forward_error):
                 raise ModelExecutionError(f"injected forward fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
+        if self._transient_faults_left > 0:
+            self._transient_faults_left -= 1
+            done = faults.transient - self._transient_faults_left
+            raise DeviceError(f"injected transient device error {done} of {faults.transient} "
+                              "(ROCMFORGE_FAULT_INJECT)", device=str(self.device))
+        num_tokens = sum(item.num_tokens for item in scheduled)
+        if faults.oom_over is not None and num_tokens > faults.oom_over:
+            # What torch itself raises on this device, so the translation in _forward runs.
+            what = f"simulated: {num_tokens} batched tokens > oom_over:{faults.oom_over} (ROCMFORGE_FAULT_INJECT)"
+            if self.device.type == "cuda":
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({what})")
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                               f"2147483648 bytes ({what})")
 
     @torch.inference_mode()
     def _execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
@@ -220,6 +288,11 @@ class ModelRunner:
                 top = list(zip(top_ids[r], top_values[r])) if top_n else []
                 entries.append(TokenLogprobs(target, chosen[r], top))
             result.prompt_logprobs[request.request_id] = (item.start_pos, entries)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch ran out of device memory: the CUDA/ROCm error class, or an allocator message."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or bool(_OUT_OF_MEMORY.search(str(exc)))
 
 
 def _suppressed(item: ScheduledRequest) -> frozenset[int]:

@@ -11,6 +11,13 @@ stop-string hits (``finish_request``) and the runner's :class:`RunnerOutput`. Fl
 :class:`SchedulerOutput` to the runner and, from ``update``, the requests that got tokens.
 The scheduler owns every live request's state and the :class:`BlockManager`; it never
 touches tensors. It is not thread-safe: call it from the engine loop only.
+
+Out-of-memory back-off. When a step runs out of device memory the engine calls
+:meth:`Scheduler.shrink_after_oom`: the step limits (sequences and batched tokens) drop to
+half of what the failed step held, and the latest admitted running requests beyond the new
+sequence limit are preempted (recompute later). The lowered limits hold for
+``oom_recovery_steps`` successful steps, then double back, step by step, up to the configured
+ones.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 FINISHED_HISTORY = 10_000
 """Finished requests kept for status queries (least recently finished dropped first)."""
+OOM_RECOVERY_STEPS = 64
+"""Successful steps after an out-of-memory back-off before the step limits double again."""
 
 
 @dataclass(slots=True)
@@ -85,6 +94,15 @@ class RunnerOutput:
     (the others in the batch went on): ``update`` finishes them with ``error``."""
 
 
+@dataclass(frozen=True, slots=True)
+class StepLimits:
+    """How much one step may hold: at most ``max_num_seqs`` running requests and
+    ``max_num_batched_tokens`` tokens (the configured limits, or lower after an OOM)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
 @dataclass(slots=True)
 class SchedulerStats:
     """A snapshot for metrics (plain numbers; exporting them is someone else's job)."""
@@ -105,6 +123,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         finished_history: int = FINISHED_HISTORY,
+        oom_recovery_steps: int = OOM_RECOVERY_STEPS,
     ) -> None:
         if cache_config.num_blocks is None:
             raise ConfigError("cache_config.num_blocks must be set before building the scheduler")
@@ -120,6 +139,9 @@ class Scheduler:
         self._finished_history = finished_history
         self._finished_since_schedule: list[str] = []
         self.num_preemptions = 0
+        self._oom_limits: StepLimits | None = None  # lowered after an out-of-memory step
+        self._oom_recovery_steps = max(1, oom_recovery_steps)
+        self._steps_since_oom = 0
 
     # --- requests in -------------------------------------------------------------------------
 
@@ -178,8 +200,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running requests first, then FCFS admissions."""
-        cfg, bm = self.scheduler_config, self.block_manager
-        budget = cfg.max_num_batched_tokens
+        bm = self.block_manager
+        limits = self.step_limits
+        budget = limits.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
@@ -199,7 +222,7 @@ class Scheduler:
             not preempted
             and self.waiting
             and budget > 0
-            and len(self.running) < cfg.max_num_seqs
+            and len(self.running) < limits.max_num_seqs
         ):
             request = self.waiting[0]
             # Prompt logprobs need every prompt position computed: no prefix hits then.
@@ -225,7 +248,7 @@ class Scheduler:
         return SchedulerOutput(
             scheduled=scheduled,
             preempted=preempted,
-            num_batched_tokens=cfg.max_num_batched_tokens - budget,
+            num_batched_tokens=limits.max_num_batched_tokens - budget,
             finished_request_ids=finished_ids,
         )
 
@@ -251,7 +274,8 @@ class Scheduler:
                 continue
             token = result.sampled.get(request.request_id)
             if token is None:
-                logger.error("runner returned no token for request %s", request.request_id)
+                logger.error("runner returned no token for request %s", request.request_id,
+                             extra={"request_id": request.request_id})
                 self._finish(request, FinishReason.ERROR, "the model runner returned no token")
                 any_finished = True
                 updated.append(request)
@@ -267,7 +291,58 @@ class Scheduler:
             updated.append(request)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
+        self._recover_limits()
         return updated
+
+    # --- out-of-memory back-off ------------------------------------------------------------
+
+    @property
+    def step_limits(self) -> StepLimits:
+        """The limits the next ``schedule()`` obeys (lower than configured after an OOM)."""
+        if self._oom_limits is not None:
+            return self._oom_limits
+        cfg = self.scheduler_config
+        return StepLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+
+    def shrink_after_oom(self, out: SchedulerOutput) -> list[Request] | None:
+        """The step ``out`` ran out of device memory and nothing of it was applied: lower the
+        step limits below what it held and preempt the latest admitted running requests
+        beyond the new sequence limit (recompute later), so ``schedule()`` builds a smaller
+        step. Returns the preempted requests; ``None`` (nothing changed) when the step cannot
+        shrink: one request computing one token.
+
+        Several requests: half of them (and half the tokens) at most. One request (a prefill
+        chunk): half its tokens."""
+        num_seqs, num_tokens = len(out.scheduled), out.num_batched_tokens
+        if num_seqs <= 1 and num_tokens <= 1:
+            return None
+        current = self.step_limits
+        max_tokens = max(1, num_tokens // 2)
+        max_seqs = num_seqs // 2 if num_seqs > 1 else min(current.max_num_seqs, max_tokens)
+        self._oom_limits = StepLimits(max_seqs, max_tokens)
+        self._steps_since_oom = 0
+        preempted: list[Request] = []
+        while len(self.running) > max_seqs:
+            victim = self.running.pop()  # admission order: the latest admitted goes first
+            self._preempt(victim, "out of device memory")
+            preempted.append(victim)
+        return preempted
+
+    def _recover_limits(self) -> None:
+        """A step succeeded: after enough of them, double the lowered limits back."""
+        if self._oom_limits is None:
+            return
+        self._steps_since_oom += 1
+        if self._steps_since_oom < self._oom_recovery_steps:
+            return
+        self._steps_since_oom = 0
+        cfg, low = self.scheduler_config, self._oom_limits
+        raised = StepLimits(min(cfg.max_num_seqs, 2 * low.max_num_seqs),
+                            min(cfg.max_num_batched_tokens, 2 * low.max_num_batched_tokens))
+        full = raised == StepLimits(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self._oom_limits = None if full else raised
+        logger.info("out-of-memory back-off: step limits raised to %d requests / %d tokens%s",
+                    raised.max_num_seqs, raised.max_num_batched_tokens, " (the configured ones)" if full else "")
 
     # --- status ----------------------------------------------------------------------------------
 
@@ -317,7 +392,7 @@ class Scheduler:
         them. False if the request had to preempt itself."""
         while not self.block_manager.allocate_slots(request, num_new):
             victim = self.running.pop()
-            self._preempt(victim)
+            self._preempt(victim, "out of KV blocks")
             preempted.append(victim)
             if victim is request:
                 return False
@@ -328,8 +403,11 @@ class Scheduler:
         start = request.num_computed_tokens
         return ScheduledRequest(request, start, num_new, start + num_new == request.num_tokens)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, why: str) -> None:
         """Recompute preemption: drop the K/V, keep the tokens, requeue at the front."""
+        rid = request.request_id
+        logger.debug("preempted request %s (%s): its %d tokens are recomputed later", rid, why,
+                     request.num_tokens, extra={"request_id": rid})
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.state = RequestState.QUEUED

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes, error handlers, middleware, probes and metrics.
+"""The FastAPI application: routes, error handlers, middleware, probes, metrics and traces.
 
 In: a started :class:`AsyncEngine` and the server's configuration (:class:`ServerState`).
 Out: an ASGI app. Building the engine and running uvicorn is :mod:`rocmforge.server.serve`.
@@ -6,6 +6,7 @@ Out: an ASGI app. Building the engine and running uvicorn is :mod:`rocmforge.ser
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,8 @@ def create_app(state: ServerState) -> FastAPI:
             # engine is stopped by now and this returns at once. Under a plain ASGI server this
             # is the drain.
             await drain(state)
+            if state.tracing is not None:
+                await asyncio.to_thread(state.tracing.shutdown)  # exports what is still batched
 
     app = FastAPI(
         title="rocmforge",
@@ -108,8 +111,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics(request: Request) -> Response:
         return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
 
+    tracer = state.tracing.request_tracer(state.engine.status) if state.tracing is not None else None
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=state.config.max_body_bytes, api_key=state.config.api_key
+        RequestContextMiddleware, max_body_bytes=state.config.max_body_bytes, api_key=state.config.api_key,
+        tracer=tracer,
     )
     if state.config.cors_origins:
         app.add_middleware(

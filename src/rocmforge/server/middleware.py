@@ -1,4 +1,5 @@
-"""ASGI middleware: request ids, the body-size limit and the API key.
+"""ASGI middleware: request ids, the body-size limit, the API key, and (when tracing is on)
+the HTTP server span (:mod:`rocmforge.server.tracing`).
 
 Pure ASGI (no ``BaseHTTPMiddleware``) so streaming responses pass through untouched and a
 client disconnect reaches the route.
@@ -10,9 +11,12 @@ import json
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rocmforge.logs import bind_request
+
+if TYPE_CHECKING:
+    from rocmforge.server.tracing import RequestTracer
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -44,12 +48,17 @@ def _error(status: int, code: str, message: str, request_id: str, headers: list[
 
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``X-Request-Id`` when sane), echoes it in the
-    response, enforces the body-size limit and checks the API key."""
+    response, enforces the body-size limit and checks the API key. With a ``tracer``, also
+    wraps each request in an HTTP server span and binds its trace id for the logs (without
+    one, tracing costs one ``is None`` check)."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_key: str | None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, api_key: str | None, tracer: RequestTracer | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key.encode() if api_key else None
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,8 +67,12 @@ class RequestContextMiddleware:
         headers = dict(scope.get("headers") or [])
         request_id = _client_request_id(headers.get(REQUEST_ID_HEADER)) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        with bind_request(request_id):
-            await self._handle(scope, receive, send, headers, request_id)
+        if self.tracer is None:
+            with bind_request(request_id):
+                await self._handle(scope, receive, send, headers, request_id)
+            return
+        with self.tracer.trace(scope, headers, request_id) as http, bind_request(request_id, http.trace_id):
+            await self._handle(scope, receive, http.wrap(send), headers, request_id)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], request_id: str

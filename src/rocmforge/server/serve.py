@@ -33,6 +33,7 @@ from rocmforge.llm import LLM
 from rocmforge.models.loader import ProgressCallback
 from rocmforge.server.app import create_app, drain
 from rocmforge.server.state import ServerConfig, ServerState
+from rocmforge.server.tracing import tracing_from_settings
 from rocmforge.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def build_state(settings: Settings, progress: ProgressCallback | None = None) ->
         model_path=str(llm.path),
         device=str(llm.device),
         device_fallback=llm.device_fallback,
+        tracing=tracing_from_settings(settings),
     )
 
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from rocmforge.server.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -46,3 +50,6 @@ class ServerState:
     """A warm-up request has run: the server answers real requests at full speed."""
     draining: bool = False
     """Shutting down: admission is closed (new requests get 503 ``server_draining``)."""
+    tracing: Tracing | None = None
+    """OpenTelemetry request traces (:mod:`rocmforge.server.tracing`); None: off. The app's
+    lifespan shuts it down (exporting what is still batched) at exit."""
