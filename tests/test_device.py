@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import rocmforge.llm as llm_module
+import rocmforge.engine.placement as placement_module
 from rocmforge.device import device_error, memory_usage, resolve_device
 from rocmforge.errors import ConfigError, DeviceError, DeviceOutOfMemoryError
 from rocmforge.llm import LLM
@@ -83,7 +83,7 @@ def test_memory_usage_on_the_cpu_is_the_process_rss_against_the_ram() -> None:
 
 
 def test_auto_falls_back_to_the_cpu_when_gpu_init_fails(gguf: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="rocmforge.llm"):
+    with caplog.at_level("WARNING", logger="rocmforge.engine.placement"):
         llm = LLM(gguf, device="auto", dtype="float16", faults=FaultInjection(gpu_init=True))
     assert llm.device == torch.device("cpu")
     assert llm.dtype == torch.float32  # float16 has no CPU kernels: the fallback uses the CPU default
@@ -107,7 +107,7 @@ def test_explicit_cuda_never_falls_back(gguf: Path) -> None:
 @pytest.fixture
 def gpu_that_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """A visible GPU on which placing the weights raises torch's out-of-memory error."""
-    real_load = llm_module.load_model
+    real_load = placement_module.load_model
 
     def fake_resolve(spec: str, gpu_index: int = 0, *, fail_gpu_init: bool = False) -> torch.device:
         return torch.device("cpu") if spec == "cpu" else torch.device("cuda", 0)
@@ -117,8 +117,8 @@ def gpu_that_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
         return real_load(gguf, device=device, **kwargs)
 
-    monkeypatch.setattr(llm_module, "resolve_device", fake_resolve)
-    monkeypatch.setattr(llm_module, "load_model", load)
+    monkeypatch.setattr(placement_module, "resolve_device", fake_resolve)
+    monkeypatch.setattr(placement_module, "load_model", load)
 
 
 @pytest.mark.usefixtures("gpu_that_runs_out_of_memory")

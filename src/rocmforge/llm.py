@@ -8,13 +8,8 @@ batching engine the server uses.
     llm = LLM("model.gguf", device="cpu")
     [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
 
-Device policy. ``device="auto"`` uses the GPU when one is visible; if it cannot be
-initialised, or the weights or the KV cache cannot be placed on it (any torch error,
-out-of-memory included), the model is loaded on the CPU instead, a warning is logged and
-:attr:`LLM.device_fallback` says why (``/health`` reports it). An explicit ``cuda`` never
-falls back: the failure is a :class:`~rocmforge.errors.DeviceError`
-(:class:`~rocmforge.errors.DeviceOutOfMemoryError` for out-of-memory) with the torch error
-as its cause.
+Device placement and the GPU -> CPU fallback of ``device="auto"`` live in
+:mod:`rocmforge.engine.placement`; :attr:`LLM.device_fallback` says why it fell back.
 
 Loading logs at INFO (logger ``rocmforge.llm``): the file, its architecture and parameter
 count; the device, dtype and weight format; progress at each quarter of the tensors; the load
@@ -28,22 +23,21 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rocmforge.attention import get_backend
-from rocmforge.device import device_error, resolve_device, resolve_dtype
 from rocmforge.engine.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.llm_engine import LLMEngine
-from rocmforge.engine.model_runner import ModelRunner, kv_block_bytes
+from rocmforge.engine.model_runner import kv_block_bytes
+from rocmforge.engine.placement import PlacementOptions, place_model
 from rocmforge.engine.scheduler import Scheduler
-from rocmforge.errors import ChatTemplateError, DeviceError, InvalidRequestError
-from rocmforge.gguf import GGUFFile, read_gguf
+from rocmforge.errors import ChatTemplateError, InvalidRequestError
+from rocmforge.gguf import read_gguf
 from rocmforge.hub import resolve_model
-from rocmforge.models.loader import ProgressCallback, load_model
+from rocmforge.models.loader import ProgressCallback
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.settings import FaultInjection, Settings, default_models_dir
@@ -52,8 +46,6 @@ from rocmforge.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-DEFAULT_CPU_KV_BYTES = 512 << 20
-GPU_MEMORY_UTILIZATION = 0.85
 DEFAULT_BATCHED_TOKENS = 2048
 
 
@@ -91,8 +83,6 @@ class LLM:
         faults = faults or FaultInjection()
         started = time.perf_counter()
         self.path = resolve_model(model, Path(models_dir) if models_dir else default_models_dir())
-        self.device_fallback: str | None = None
-        """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
         gguf = read_gguf(self.path)
         try:
             self.num_parameters = sum(t.n_elements for t in gguf.tensors.values())
@@ -108,40 +98,21 @@ class LLM:
                 Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
             )
 
-            def build(target: torch.device, dtype_name: str | torch.dtype | None) -> ModelRunner:
-                return self._build(
-                    gguf, target, dtype_name, weight_format=weight_format, kv_cache_memory=kv_cache_memory,
-                    block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                    progress=progress, faults=faults,
-                )
-
-            auto = device.strip().lower() == "auto"
-            runner: ModelRunner | None = None
-            fallback: str | None = None
-            try:
-                target = resolve_device(device, gpu_index, fail_gpu_init=faults.gpu_init)
-            except DeviceError as exc:
-                if not auto:
-                    raise
-                fallback = exc.message
-            else:
-                try:
-                    runner = build(target, dtype)
-                # torch's device errors are RuntimeErrors (OOM included); a torch built without
-                # CUDA asserts. Only for a GPU target: on the CPU they are bugs, not device trouble.
-                except (DeviceError, RuntimeError, AssertionError) as exc:
-                    if target.type != "cuda":
-                        raise
-                    error = device_error(exc, target, "loading the model", _weight_bytes(gguf, self.dtype))
-                    if not auto:
-                        if error is exc:
-                            raise
-                        raise error from exc
-                    fallback = error.message
-            if runner is None:  # outside the except blocks: the failed attempt's tensors are freed
-                runner = self._fall_back(fallback or "the GPU is unusable", dtype, build)
+            options = PlacementOptions(
+                device=device, gpu_index=gpu_index, dtype=dtype, weight_format=weight_format,
+                kv_cache_memory=kv_cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len, faults=faults,
+            )
+            placement = place_model(gguf, options, progress)
         finally:
             gguf.close()
+        runner = placement.runner
+        self.device = placement.device
+        self.dtype = placement.dtype
+        self.config = placement.config
+        self.max_model_len = placement.max_model_len
+        self.device_fallback = placement.fallback
+        """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
 
         scheduler = Scheduler(
             SchedulerConfig(
@@ -164,66 +135,6 @@ class LLM:
             runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len, max_num_seqs,
         )
 
-    def _build(
-        self,
-        gguf: GGUFFile,
-        device: torch.device,
-        dtype: str | torch.dtype | None,
-        *,
-        weight_format: str,
-        kv_cache_memory: int | None,
-        block_size: int,
-        max_num_seqs: int,
-        max_model_len: int | None,
-        progress: ProgressCallback | None,
-        faults: FaultInjection,
-    ) -> ModelRunner:
-        """Place the weights and the KV cache on ``device``; sets ``device``, ``dtype``,
-        ``config`` and ``max_model_len``. Torch errors propagate (the caller translates)."""
-        self.device = device
-        self.dtype = resolve_dtype(dtype, device)
-        logger.info("placing the weights on %s as %s (%s)", device, str(self.dtype).removeprefix("torch."),
-                    weight_format)
-        loaded = load_model(
-            gguf,
-            device=device,
-            dtype=self.dtype,
-            attention=get_backend(),
-            weight_format=weight_format,
-            progress=progress,
-        )
-        self.config = loaded.config
-        block_bytes = kv_block_bytes(self.config, block_size, self.dtype)
-        context = min(max_model_len or self.config.max_context, self.config.max_context)
-        num_blocks = self._num_kv_blocks(kv_cache_memory, block_bytes, max_num_seqs * -(-context // block_size))
-        self.max_model_len = min(context, num_blocks * block_size)
-        try:
-            return ModelRunner(loaded.model, num_blocks, block_size, device, kv_dtype=self.dtype, faults=faults)
-        except (RuntimeError, AssertionError) as exc:
-            if device.type != "cuda":
-                raise
-            raise device_error(exc, device, "allocating the KV cache", num_blocks * block_bytes) from exc
-
-    def _fall_back(
-        self,
-        reason: str,
-        dtype: str | torch.dtype | None,
-        build: Callable[[torch.device, str | torch.dtype | None], ModelRunner],
-    ) -> ModelRunner:
-        """``device="auto"`` could not use the GPU: load on the CPU and remember why."""
-        self.device_fallback = reason
-        logger.warning("GPU unusable, falling back to the CPU: %s", reason)
-        if torch.cuda.is_available():
-            try:
-                torch.cuda.empty_cache()  # whatever the failed attempt left on the GPU
-            except RuntimeError:
-                pass
-        cpu = torch.device("cpu")
-        if dtype in ("float16", "fp16", torch.float16):
-            logger.warning("float16 is not supported on the CPU: using float32")
-            dtype = None
-        return build(cpu, dtype)
-
     @classmethod
     def from_settings(cls, settings: Settings, progress: ProgressCallback | None = None) -> LLM:
         """An LLM configured from :class:`~rocmforge.settings.Settings` (CLI flags + env)."""
@@ -243,21 +154,6 @@ class LLM:
             progress=progress,
             faults=settings.faults(),
         )
-
-    def _num_kv_blocks(self, memory: int | None, block_bytes: int, useful_blocks: int) -> int:
-        if memory is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                memory = int(free * GPU_MEMORY_UTILIZATION)
-            else:
-                memory = DEFAULT_CPU_KV_BYTES
-        blocks = min(memory // block_bytes, useful_blocks)
-        if blocks < 1:
-            raise InvalidRequestError(
-                f"KV cache memory {memory} bytes is smaller than one block ({block_bytes} bytes)",
-                param="kv_cache_memory",
-            )
-        return blocks
 
     # --- text <-> tokens ---------------------------------------------------------------
 
@@ -393,12 +289,6 @@ def _bytes(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n} B"
-
-
-def _weight_bytes(gguf: GGUFFile, dtype: torch.dtype) -> int:
-    """Bytes of the weights dequantized to ``dtype`` (what ``dense`` loading places)."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return sum(t.n_elements for t in gguf.tensors.values()) * element
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
