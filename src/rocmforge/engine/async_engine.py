@@ -60,6 +60,10 @@ Consumers that go away cancel their request: ``RequestStream.aclose()`` (also th
 ``async with`` exit), cancelling the task that awaits the stream's next output, and the
 stream being garbage collected before its final output.
 
+Companions: the command messages and output sinks are in :mod:`~rocmforge.engine.async_commands`,
+the per-request stream in :mod:`~rocmforge.engine.request_stream`, the published status
+snapshots in :mod:`~rocmforge.engine.request_status`.
+
 The ``LLMEngine`` is not thread-safe: while an ``AsyncEngine`` runs, do not drive the same
 engine from elsewhere (e.g. ``LLM.generate``).
 """
@@ -74,13 +78,15 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rocmforge.engine.async_commands import Call, Cancel, Command, Reply, Shutdown, Sink, Submit, deliver
 from rocmforge.engine.llm_engine import LLMEngine
+from rocmforge.engine.request_status import RequestStatus, finished_stats, log_finished, snapshot
+from rocmforge.engine.request_stream import RequestStream
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.engine.scheduler import FINISHED_HISTORY, Scheduler, SchedulerStats
-from rocmforge.engine.stats import FinishedRequestStats, IterationStats, StatsLogger
+from rocmforge.engine.stats import IterationStats, StatsLogger
 from rocmforge.errors import (
     ConfigError,
     EngineDeadError,
@@ -89,7 +95,7 @@ from rocmforge.errors import (
     RequestNotFoundError,
     RocmForgeError,
 )
-from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.outputs import RequestOutput
 from rocmforge.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -108,116 +114,11 @@ SHUTDOWN_CANCEL_MESSAGE = "cancelled: the server is shutting down (shutdown time
 """The ``error`` text of requests still in flight at the shutdown deadline."""
 
 
-@dataclass(frozen=True, slots=True)
-class RequestStatus:
-    """A request's state as of the engine's last step. Timestamps are ``time.monotonic()``."""
-
-    request_id: str
-    state: RequestState
-    """``queued`` | ``prefill`` | ``decode`` | ``finished``."""
-    finish_reason: str | None
-    """``stop`` | ``length`` | ``cancelled`` | ``error`` once finished."""
-    error: str | None
-    queue_position: int | None
-    """0-based place in the waiting queue while queued; ``None`` otherwise."""
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    """Prompt tokens served by the prefix cache at the last admission."""
-    num_preemptions: int
-    arrival_time: float
-    first_scheduled_time: float | None
-    first_token_time: float | None
-    finished_time: float | None
-
-
-# --- commands: posted by the asyncio side, handled on the engine thread ---------------------
-
-
-class _Reply:
-    """Resolves an asyncio future from the engine thread, on the future's own loop."""
-
-    __slots__ = ("loop", "future")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
-        self.loop = loop
-        self.future = future
-
-    def ok(self, value: Any) -> None:
-        self._call(_set_result, value)
-
-    def fail(self, exc: BaseException) -> None:
-        self._call(_set_exception, exc)
-
-    def _call(self, fn: Callable[[asyncio.Future[Any], Any], None], arg: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, self.future, arg)
-        except RuntimeError:  # the caller's event loop is closed: nobody waits for this
-            logger.debug("event loop closed, reply dropped")
-
-
-def _set_result(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-class _Sink:
-    """Where one request's outputs go: an asyncio.Queue on the submitter's loop.
-
-    Shared by the engine thread (which only schedules ``put_nowait`` on ``loop``) and the
-    :class:`RequestStream` (which reads it). It holds no reference to the stream, so a
-    stream nobody holds can be garbage collected (and then cancels its request)."""
-
-    __slots__ = ("request_id", "loop", "queue")
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-
-@dataclass(slots=True)
-class _Submit:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    sink: _Sink
-    reply: _Reply
-
-
-@dataclass(slots=True)
-class _Cancel:
-    request_id: str
-    reply: _Reply | None
-    quiet: bool = False
-    """Internal cancel (consumer went away): an unknown id is not an error."""
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Callable[[LLMEngine], Any]
-    reply: _Reply
-
-
-@dataclass(slots=True)
-class _Shutdown:
-    deadline: float
-    reply: _Reply | None
-
-
-_Command = _Submit | _Cancel | _Call | _Shutdown
-
-
 @dataclass(slots=True)
 class _Tracked:
     """Engine-thread bookkeeping of a request whose stream has not had its final output."""
 
-    sink: _Sink
+    sink: Sink
     request: Request
     text: str = ""
     last_token_time: float | None = None
@@ -250,7 +151,7 @@ class AsyncEngine:
 
         # Shared state, guarded by _cond: the command queue and the lifecycle flags.
         self._cond = threading.Condition()
-        self._commands: deque[_Command] = deque()
+        self._commands: deque[Command] = deque()
         self._thread: threading.Thread | None = None
         self._accepting = True  # False once shutting down or dead
         self._closed = False  # the thread has exited: commands are answered here
@@ -258,11 +159,11 @@ class AsyncEngine:
 
         # Engine-thread state (only the engine thread reads or writes these).
         self._tracked: dict[str, _Tracked] = {}
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, RequestOutput]]] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Sink, RequestOutput]]] = {}
         self._prev_running: set[str] = set()
         self._deadline: float | None = None
-        self._shutdown_replies: list[_Reply] = []
-        self._replies: list[tuple[_Reply, bool, Any]] = []  # answers sent by _sync()
+        self._shutdown_replies: list[Reply] = []
+        self._replies: list[tuple[Reply, bool, Any]] = []  # answers sent by _sync()
         self._failures_in_a_row = 0
 
         # Snapshots: written by the engine thread (replaced, never mutated in place except
@@ -314,7 +215,7 @@ class AsyncEngine:
                 self._closed = True
             if self._closed:
                 return
-            self._commands.append(_Shutdown(time.monotonic() + max(timeout, 0.0), _Reply(loop, future)))
+            self._commands.append(Shutdown(time.monotonic() + max(timeout, 0.0), Reply(loop, future)))
             self._cond.notify()
         try:
             await asyncio.wait_for(asyncio.shield(future), max(timeout, 0.0) + SHUTDOWN_GRACE_S)
@@ -365,13 +266,13 @@ class AsyncEngine:
             )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        sink = _Sink(request_id, loop)
-        self._post(_Submit(request_id, ids, params, sink, _Reply(loop, future)))
+        sink = Sink(request_id, loop)
+        self._post(Submit(request_id, ids, params, sink, Reply(loop, future)))
         try:
             await future
         except asyncio.CancelledError:
             # The submitter went away: the request may have been admitted; nobody will read it.
-            self._post_nowait(_Cancel(request_id, None, quiet=True))
+            self._post_nowait(Cancel(request_id, None, quiet=True))
             raise
         return RequestStream(self, sink, ids, params)
 
@@ -382,7 +283,7 @@ class AsyncEngine:
         raise :class:`RequestNotFoundError`."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
-        if not self._post_nowait(_Cancel(request_id, _Reply(loop, future))):
+        if not self._post_nowait(Cancel(request_id, Reply(loop, future))):
             self.status(request_id)  # the engine has stopped: known ids are finished
             return False
         return await future
@@ -394,7 +295,7 @@ class AsyncEngine:
         and must not keep references to engine state."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._post(_Call(fn, _Reply(loop, future)))
+        self._post(Call(fn, Reply(loop, future)))
         return await future
 
     def status(self, request_id: str) -> RequestStatus:
@@ -455,12 +356,12 @@ class AsyncEngine:
 
     # --- posting commands (any thread) ------------------------------------------------------
 
-    def _post(self, command: _Command) -> None:
+    def _post(self, command: Command) -> None:
         """Queue a command; when the engine no longer runs, answer it at once."""
         if not self._post_nowait(command):
             self._reject(command)
 
-    def _post_nowait(self, command: _Command) -> bool:
+    def _post_nowait(self, command: Command) -> bool:
         """Queue a command and wake the thread (starting it on first use); False (nothing
         queued) once the thread exited."""
         with self._cond:
@@ -468,7 +369,7 @@ class AsyncEngine:
                 return False
             if self._thread is None:
                 self.start()
-            if isinstance(command, _Submit) and not self._accepting:
+            if isinstance(command, Submit) and not self._accepting:
                 command.reply.fail(self._not_accepting())
                 return True
             self._commands.append(command)
@@ -480,17 +381,17 @@ class AsyncEngine:
             return EngineDeadError(f"the engine is dead: {self._dead}")
         return EngineDeadError("the engine is shutting down")
 
-    def _reject(self, command: _Command) -> None:
+    def _reject(self, command: Command) -> None:
         """Answer a command the engine thread will never handle."""
-        if isinstance(command, (_Submit, _Call)):
+        if isinstance(command, (Submit, Call)):
             command.reply.fail(self._not_accepting())
-        elif isinstance(command, _Cancel) and command.reply is not None:
+        elif isinstance(command, Cancel) and command.reply is not None:
             known = command.request_id in self._finished_status or command.request_id in self._live_status
             if known or command.quiet:
                 command.reply.ok(False)
             else:
                 command.reply.fail(RequestNotFoundError(f"no request with id {command.request_id!r}"))
-        elif isinstance(command, _Shutdown) and command.reply is not None:
+        elif isinstance(command, Shutdown) and command.reply is not None:
             command.reply.ok(None)
 
     # --- the engine thread ----------------------------------------------------------------------
@@ -536,15 +437,15 @@ class AsyncEngine:
             else:
                 reply.fail(value)
 
-    def _answer(self, reply: _Reply | None, value: Any) -> None:
+    def _answer(self, reply: Reply | None, value: Any) -> None:
         if reply is not None:
             self._replies.append((reply, True, value))
 
-    def _answer_error(self, reply: _Reply | None, exc: BaseException) -> None:
+    def _answer_error(self, reply: Reply | None, exc: BaseException) -> None:
         if reply is not None:
             self._replies.append((reply, False, exc))
 
-    def _wait_for_work(self) -> list[_Command]:
+    def _wait_for_work(self) -> list[Command]:
         with self._cond:
             # Sleep only when idle; while shutting down, go on to the drain check.
             while not self._commands and not self._engine.has_unfinished() and self._deadline is None:
@@ -553,12 +454,12 @@ class AsyncEngine:
             commands, self._commands = self._commands, deque()
         return list(commands)
 
-    def _handle(self, command: _Command) -> None:
-        if isinstance(command, _Submit):
+    def _handle(self, command: Command) -> None:
+        if isinstance(command, Submit):
             self._handle_submit(command)
-        elif isinstance(command, _Cancel):
+        elif isinstance(command, Cancel):
             self._handle_cancel(command)
-        elif isinstance(command, _Call):
+        elif isinstance(command, Call):
             try:
                 self._answer(command.reply, command.fn(self._engine))
             except Exception as exc:  # handed back to the caller
@@ -573,7 +474,7 @@ class AsyncEngine:
             logger.info("engine draining: admission closed, %d requests in flight get %.1f s",
                         len(self._tracked), max(0.0, self._deadline - time.monotonic()))
 
-    def _handle_submit(self, command: _Submit) -> None:
+    def _handle_submit(self, command: Submit) -> None:
         rid = command.request_id
         if not self._accepting:
             self._answer_error(command.reply, self._not_accepting())
@@ -590,13 +491,13 @@ class AsyncEngine:
             return
         self._tracked[rid] = _Tracked(command.sink, request)
         self._finished_status.pop(rid, None)  # a finished id may be reused
-        self._live_status[rid] = _snapshot(request)
+        self._live_status[rid] = snapshot(request)
         logger.debug("request %s admitted: %d prompt tokens, max_tokens %d, %d waiting", rid,
                      request.num_prompt_tokens, request.params.max_tokens, self._engine.scheduler.num_waiting,
                      extra={"request_id": rid})
         self._answer(command.reply, None)
 
-    def _handle_cancel(self, command: _Cancel) -> None:
+    def _handle_cancel(self, command: Cancel) -> None:
         rid = command.request_id
         try:
             request = self._engine.scheduler.get_request(rid)
@@ -703,20 +604,20 @@ class AsyncEngine:
         ``reason`` overrides the scheduler's when they differ (a request that finished inside
         a failed step is reported as failed, as its stream saw)."""
         self._tracked.pop(rid, None)
-        status = _snapshot(self._engine.scheduler.get_request(rid), error)
+        status = snapshot(self._engine.scheduler.get_request(rid), error)
         if reason is not None and status.finish_reason != reason.value:
             status = replace(status, finish_reason=reason.value)
         self._finished_status[rid] = status
         self._finished_status.move_to_end(rid)
         iteration = self._collecting()
         if iteration is not None:
-            iteration.finished_requests.append(_finished_stats(status))
-        _log_finished(status)
+            iteration.finished_requests.append(finished_stats(status))
+        log_finished(status)
         self._live_status.pop(rid, None)
         if len(self._finished_status) > self._finished_history:
             self._finished_status.popitem(last=False)
 
-    def _send(self, sink: _Sink, output: RequestOutput) -> None:
+    def _send(self, sink: Sink, output: RequestOutput) -> None:
         self._outbox.setdefault(sink.loop, []).append((sink, output))
 
     def _flush(self) -> None:
@@ -727,7 +628,7 @@ class AsyncEngine:
             orphans: list[str] = []
             for loop, items in outbox.items():
                 try:
-                    loop.call_soon_threadsafe(_deliver, items)
+                    loop.call_soon_threadsafe(deliver, items)
                 except RuntimeError:
                     orphans.extend(sink.request_id for sink, out in items if not out.finished)
             for rid in orphans:
@@ -744,10 +645,10 @@ class AsyncEngine:
             rid = request.request_id
             running.add(rid)
             if rid in self._tracked:
-                self._live_status[rid] = _snapshot(request)
+                self._live_status[rid] = snapshot(request)
         for rid in self._prev_running - running:
             if rid in self._tracked:
-                self._live_status[rid] = _snapshot(scheduler.get_request(rid))
+                self._live_status[rid] = snapshot(scheduler.get_request(rid))
         self._prev_running = running
         self._positions = {r.request_id: i for i, r in enumerate(scheduler.waiting)} if scheduler.waiting else {}
         self._stats = scheduler.get_stats()
@@ -804,126 +705,7 @@ class AsyncEngine:
 # --- the stream ---------------------------------------------------------------------------------
 
 
-class RequestStream:
-    """Async iterator of one request's :class:`RequestOutput` deltas, ending after the
-    finished output (``finish_reason`` ``stop`` | ``length`` | ``cancelled`` | ``error``).
-
-    Owned by the consumer, on the event loop that called ``submit``. Leaving early cancels
-    the request: ``aclose()`` / ``async with`` exit, dropping the stream, or cancelling the
-    task that awaits the next output (so ``asyncio.wait_for(stream.__anext__(), t)`` timing
-    out cancels it too)."""
-
-    def __init__(
-        self, engine: AsyncEngine, sink: _Sink, prompt_token_ids: list[int], params: SamplingParams
-    ) -> None:
-        self._engine = engine
-        self._sink = sink
-        self._prompt_token_ids = prompt_token_ids
-        self._params = params
-        self._closed = False
-        self._final: RequestOutput | None = None
-        self._token_ids: list[int] = []
-        self._text = ""
-        self._logprobs: list[TokenLogprobs] = []
-        self._prompt_logprobs: list[TokenLogprobs] | None = None
-
-    @property
-    def request_id(self) -> str:
-        return self._sink.request_id
-
-    @property
-    def finished(self) -> bool:
-        """The final output was received."""
-        return self._final is not None
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._final is not None or self._closed:
-            raise StopAsyncIteration
-        try:
-            output = await self._sink.queue.get()
-        except asyncio.CancelledError:
-            self._abandon()
-            raise
-        self._token_ids.extend(output.new_token_ids)
-        self._text = output.text
-        self._logprobs.extend(output.new_logprobs)
-        if output.prompt_logprobs is not None:
-            self._prompt_logprobs = output.prompt_logprobs
-        if output.finished:
-            self._final = output
-        return output
-
-    async def result(self) -> Completion:
-        """Read the rest of the stream and return the whole completion.
-
-        Raises :class:`EngineDeadError` / :class:`ModelExecutionError` if the request failed;
-        a cancelled request returns with ``finish_reason == "cancelled"``."""
-        async for _ in self:
-            pass
-        final = self._final
-        if final is None:  # closed early: the request was cancelled
-            text, reason, stop_reason = self._text, FinishReason.CANCELLED.value, None
-        else:
-            if final.finish_reason == FinishReason.ERROR.value:
-                error_type = ModelExecutionError if self._engine.is_alive else EngineDeadError
-                raise error_type(final.error or "the request failed")
-            text, reason, stop_reason = final.text, final.finish_reason or "stop", final.stop_reason
-        return Completion(
-            request_id=self.request_id,
-            prompt_token_ids=self._prompt_token_ids,
-            token_ids=self._token_ids,
-            text=text,
-            finish_reason=reason,
-            logprobs=self._logprobs if self._params.logprobs is not None else None,
-            prompt_logprobs=self._prompt_logprobs,
-            stop_reason=stop_reason,
-        )
-
-    async def cancel(self) -> bool:
-        """Cancel the request; the stream still ends with its ``cancelled`` output."""
-        return await self._engine.cancel(self.request_id)
-
-    async def aclose(self) -> None:
-        """Stop reading: cancels the request (and waits for that) unless it has finished."""
-        if self._final is None and not self._closed:
-            self._closed = True
-            try:
-                await self._engine.cancel(self.request_id)
-            except RequestNotFoundError:  # forgotten already: nothing to cancel
-                pass
-        self._closed = True
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def _abandon(self) -> None:
-        """The consumer went away without awaiting: cancel without waiting for the answer."""
-        if self._final is None and not self._closed:
-            self._closed = True
-            self._engine._post_nowait(_Cancel(self.request_id, None, quiet=True))
-
-    def __del__(self) -> None:
-        self._abandon()
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _deliver(items: list[tuple[_Sink, RequestOutput]]) -> None:
-    """Runs on the consumer's event loop."""
-    for sink, output in items:
-        sink.queue.put_nowait(output)
 
 
 def _final(rid: str, text: str, reason: FinishReason, error: str | None) -> RequestOutput:
@@ -952,59 +734,6 @@ def _count_tokens(iteration: IterationStats | None, tracked: _Tracked, num_token
         iteration.time_to_first_tokens.append(first - request.arrival_time)
     else:
         iteration.inter_token_latencies.append(now - last)
-
-
-def _log_finished(status: RequestStatus) -> None:
-    """One line per request that ended, for whatever reason, tagged with its id."""
-    rid = status.request_id
-    end = status.finished_time if status.finished_time is not None else time.monotonic()
-    counts = (status.num_prompt_tokens, status.num_output_tokens, end - status.arrival_time)
-    extra = {"request_id": rid}
-    if status.finish_reason == FinishReason.ERROR.value:
-        logger.warning("request %s failed after %d prompt + %d generated tokens (%.3f s): %s", rid, *counts,
-                       status.error, extra=extra)
-    elif status.finish_reason == FinishReason.CANCELLED.value:
-        why = f": {status.error}" if status.error else ""
-        logger.info("request %s cancelled after %d prompt + %d generated tokens (%.3f s)%s", rid, *counts, why,
-                    extra=extra)
-    else:
-        logger.info("request %s finished (%s): %d prompt + %d generated tokens in %.3f s, %d cached, %d preemptions",
-                    rid, status.finish_reason, *counts, status.num_cached_tokens, status.num_preemptions, extra=extra)
-
-
-def _finished_stats(status: RequestStatus) -> FinishedRequestStats:
-    end = status.finished_time if status.finished_time is not None else time.monotonic()
-    arrival, scheduled, first = status.arrival_time, status.first_scheduled_time, status.first_token_time
-    return FinishedRequestStats(
-        finish_reason=status.finish_reason or FinishReason.ERROR.value,
-        num_prompt_tokens=status.num_prompt_tokens,
-        num_output_tokens=status.num_output_tokens,
-        num_cached_tokens=status.num_cached_tokens,
-        num_preemptions=status.num_preemptions,
-        e2e_s=end - arrival,
-        queue_s=None if scheduled is None else scheduled - arrival,
-        prefill_s=None if scheduled is None or first is None else first - scheduled,
-        decode_s=None if first is None else end - first,
-        ttft_s=None if first is None else first - arrival,
-    )
-
-
-def _snapshot(request: Request, error: str | None = None) -> RequestStatus:
-    return RequestStatus(
-        request_id=request.request_id,
-        state=request.state,
-        finish_reason=request.finish_reason.value if request.finish_reason else None,
-        error=error or request.error,
-        queue_position=None,
-        num_prompt_tokens=request.num_prompt_tokens,
-        num_output_tokens=request.num_output_tokens,
-        num_cached_tokens=request.num_cached_tokens,
-        num_preemptions=request.num_preemptions,
-        arrival_time=request.arrival_time,
-        first_scheduled_time=request.first_scheduled_time,
-        first_token_time=request.first_token_time,
-        finished_time=request.finished_time,
-    )
 
 
 def _check_prompt(prompt_token_ids: Sequence[int], vocab_size: int) -> list[int]:

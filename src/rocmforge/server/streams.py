@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import Request
 
-from rocmforge.engine.async_engine import AsyncEngine, RequestStatus, RequestStream
+from rocmforge.engine.request_status import RequestStatus
+from rocmforge.engine.request_stream import RequestStream
 from rocmforge.errors import ServerDrainingError
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams

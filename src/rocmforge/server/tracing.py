@@ -56,7 +56,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from rocmforge import __version__
-from rocmforge.engine.async_engine import RequestStatus
+from rocmforge.engine.request_status import RequestStatus
 from rocmforge.errors import RequestNotFoundError
 from rocmforge.server.metrics import HTTP_METHODS, UNMATCHED_ROUTE, route_template
 
