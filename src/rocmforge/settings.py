@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -119,7 +120,9 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     gpu_device: int = Field(default=0, ge=0, description="GPU index used by `auto` and `cuda`.")
     dtype: str = Field(default="auto", description="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
-    weight_format: str = Field(default="dense", description="dense | quantized (CPU: int4/int8 weights)")
+    weight_format: Literal["dense", "quantized"] = Field(
+        default="dense", description="dense | quantized (CPU: int4/int8 weights)"
+    )
     addr: str = Field(default="127.0.0.1:8080", description="Address `rocmforge serve` binds (HOST:PORT).")
     host: str = Field(default="http://127.0.0.1:8080", description="Server URL the client commands talk to.")
     api_key: SecretStr | None = Field(default=None, description="Bearer key required on every route but /health.")
