@@ -136,7 +136,7 @@ def inspect(
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")],
     gguf: Annotated[
-        str | None, typer.Option("--gguf", help="GGUF file or known model name [env: ROCMFORGE_GGUF].")
+        str | None, typer.Option("--gguf", help="Run locally on this GGUF file or known model name.")
     ] = None,
     tokenizer: Annotated[
         Path | None, typer.Option("--tokenizer", help="HF tokenizer.json override [env: ROCMFORGE_TOKENIZER].")
