@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from live_server import API_KEY, HTTP_TIMEOUT, MODEL_NAME, TINY_SPEC, Server, start_server, stop_server
 
 from rocmforge.synthetic import random_hf_weights, write_gguf
@@ -64,3 +65,13 @@ def small_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def client(base_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For in-process tests on the tiny model: its ops take microseconds, so OpenMP thread
+    wake-ups would dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,7 +19,8 @@ from typing import TypeVar
 
 import httpx
 import pytest
-from live_server import START_TIMEOUT_S, Server, cli_env, free_port
+from httpx_sse import ServerSentEvent, connect_sse
+from live_server import HTTP_TIMEOUT, START_TIMEOUT_S, Server, cli_env, free_port
 
 T = TypeVar("T")
 
@@ -88,3 +89,14 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def stream_events(url: str, body: dict, request_id: str, started: threading.Event) -> list[ServerSentEvent]:
+    """Every event of a native stream; ``started`` is set on the first one."""
+    events: list[ServerSentEvent] = []
+    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as client:
+        with connect_sse(client, "POST", "/generate/stream", json=body, headers={"X-Request-Id": request_id}) as src:
+            for event in src.iter_sse():
+                events.append(event)
+                started.set()
+    return events

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent, connect_sse
+from httpx_sse import connect_sse
 from live_server import HTTP_TIMEOUT, Server, assert_error_shape, stop_server
-from spawned_server import Background, spawn_server, wait_for, wait_ready
+from spawned_server import Background, stream_events, spawn_server, wait_for, wait_ready
 
 from rocmforge.engine.request import FinishReason
 from rocmforge.errors import ConfigError, DeviceError
@@ -32,16 +32,6 @@ OK_TOKENS = 300
 """With ``ignore_eos``: long enough to still run when the faulty request arrives."""
 FATAL_DEADLINE_S = 5.0
 
-
-def stream_events(url: str, body: dict, request_id: str, started: threading.Event) -> list[ServerSentEvent]:
-    """Every event of a native stream; ``started`` is set on the first one."""
-    events: list[ServerSentEvent] = []
-    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as client:
-        with connect_sse(client, "POST", "/generate/stream", json=body, headers={"X-Request-Id": request_id}) as src:
-            for event in src.iter_sse():
-                events.append(event)
-                started.set()
-    return events
 
 
 def long_body(max_tokens: int = OK_TOKENS) -> dict:

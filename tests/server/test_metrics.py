@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-import torch
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import StreamingResponse
 from live_server import HTTP_TIMEOUT, Server, wait_until_idle
@@ -73,13 +72,7 @@ def kv_bytes(num_blocks: int, block_size: int) -> int:
     return num_blocks * 2 * SPEC.num_layers * block_size * SPEC.num_kv_heads * SPEC.head_dim * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are microseconds: OpenMP thread wake-ups would dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from httpx_sse import ServerSentEvent, connect_sse
 from live_server import HTTP_TIMEOUT, LONG_MAX_TOKENS, STOP_TIMEOUT_S, Server, assert_error_shape, stop_server
-from spawned_server import Background, probe_ready, spawn_server, wait_for, wait_ready
+from spawned_server import Background, stream_events, probe_ready, spawn_server, wait_for, wait_ready
 
 SHUTDOWN_TIMEOUT_S = 2.0
 EXIT_MARGIN_S = 4.0
 """After the shutdown timeout: the engine's last step, uvicorn's exit, flushing the logs."""
 SHORT_TOKENS = 48
 
-
-def stream_events(url: str, body: dict, request_id: str, started: threading.Event) -> list[ServerSentEvent]:
-    events: list[ServerSentEvent] = []
-    with httpx.Client(base_url=url, timeout=HTTP_TIMEOUT) as client:
-        with connect_sse(client, "POST", "/generate/stream", json=body, headers={"X-Request-Id": request_id}) as src:
-            for event in src.iter_sse():
-                events.append(event)
-                started.set()
-    return events
 
 
 def body(max_tokens: int) -> dict:
