@@ -147,16 +147,24 @@ def print_table(results: list[LevelResult]) -> None:
 
 
 async def main_async(args: argparse.Namespace, llm: LLM) -> list[LevelResult]:
-    levels = [int(c) for c in args.concurrency.split(",")]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    levels = [(int(c), args.requests_per_level) for c in args.concurrency.split(",")]
+    return await measure_levels(llm, levels, args.prompt_tokens, args.max_tokens)
+
+
+async def measure_levels(
+    llm: LLM, levels: list[tuple[int, int]], prompt_tokens: int, max_tokens: int
+) -> list[LevelResult]:
+    """Run each (concurrency, number of requests) level through one AsyncEngine over ``llm``,
+    after a short warm-up; prints one line per level as it finishes."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine = AsyncEngine.from_llm(llm)
     engine.start()
     results = []
     try:
-        warmup = build_prompts(llm, 2, min(args.prompt_tokens, 16))
+        warmup = build_prompts(llm, 2, min(prompt_tokens, 16))
         await run_level(engine, warmup, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), 2)
-        for level in levels:
-            prompts = build_prompts(llm, args.requests_per_level, args.prompt_tokens)
+        for level, requests in levels:
+            prompts = build_prompts(llm, requests, prompt_tokens)
             result = await run_level(engine, prompts, params, level)
             print(
                 f"concurrency {level:>3}: {result.requests} requests, {result.output_tokens} tokens "

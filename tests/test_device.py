@@ -118,6 +118,7 @@ def gpu_that_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_load(gguf, device=device, **kwargs)
 
     monkeypatch.setattr(placement_module, "resolve_device", fake_resolve)
+    monkeypatch.setattr(placement_module, "free_memory", lambda device: (80 << 30, 80 << 30))
     monkeypatch.setattr(placement_module, "load_model", load)
 
 
@@ -137,6 +138,43 @@ def test_explicit_cuda_out_of_memory_is_typed_and_keeps_its_cause(gguf: Path) ->
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
     assert info.value.details["needed_bytes"] > 0  # the weights' size at the GPU dtype (bf16)
     assert info.value.http_status == 503 and info.value.code == "device_out_of_memory"
+
+
+@pytest.fixture
+def gpu_too_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A visible GPU with 64 KiB free of 1 GiB: the weights cannot fit, which the memory
+    check says before anything is loaded on it."""
+    real_load = placement_module.load_model
+
+    def load(gguf, *, device, **kwargs):  # noqa: ANN001, ANN003, ANN202 - mirrors load_model
+        if device.type == "cuda":
+            raise AssertionError("the weights were placed on a GPU that cannot hold them")
+        return real_load(gguf, device=device, **kwargs)
+
+    monkeypatch.setattr(placement_module, "resolve_device",
+                        lambda spec, gpu_index=0, *, fail_gpu_init=False: torch.device("cpu") if spec == "cpu"
+                        else torch.device("cuda", 0))
+    monkeypatch.setattr(placement_module, "free_memory", lambda device: (64 << 10, 1 << 30))
+    monkeypatch.setattr(placement_module, "load_model", load)
+
+
+@pytest.mark.usefixtures("gpu_too_small")
+def test_a_model_that_does_not_fit_names_what_it_needs(gguf: Path) -> None:
+    with pytest.raises(DeviceOutOfMemoryError) as info:
+        LLM(gguf, device="cuda")
+    message = info.value.message
+    assert message.startswith("the model does not fit on cuda:0: its weights need ")
+    assert "64.0 KiB free of 1.0 GiB" in message
+    # The weights at bf16: every element of the file at 2 bytes (the tiny model is all f32).
+    from rocmforge.gguf import read_gguf
+
+    with read_gguf(gguf) as file:
+        elements = sum(t.n_elements for t in file.tensors.values())
+    assert info.value.details["needed_bytes"] == elements * 2
+
+    llm = LLM(gguf, device="auto")  # auto falls back to the CPU and says why
+    assert llm.device == torch.device("cpu")
+    assert llm.device_fallback is not None and llm.device_fallback.startswith("the model does not fit on cuda:0")
 
 
 def test_settings_pass_the_faults_down(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

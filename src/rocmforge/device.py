@@ -96,6 +96,11 @@ def device_error(exc: BaseException, device: torch.device, what: str, needed_byt
     return DeviceError(f"{device} failed while {what}: {type(exc).__name__}: {exc}", device=str(device))
 
 
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a GPU's memory, as the driver reports them now."""
+    return torch.cuda.mem_get_info(device)
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryUsage:
     """Bytes in use and in total: the device's memory on a GPU, the process's resident set

@@ -31,13 +31,14 @@ import torch
 
 from rocmforge.engine.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.llm_engine import LLMEngine
+from rocmforge.engine.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from rocmforge.engine.model_runner import kv_block_bytes
 from rocmforge.engine.placement import PlacementOptions, place_model
 from rocmforge.engine.scheduler import Scheduler
 from rocmforge.errors import ChatTemplateError, InvalidRequestError
 from rocmforge.gguf import read_gguf
 from rocmforge.hub import resolve_model
-from rocmforge.models.loader import ProgressCallback
+from rocmforge.models.loader import ProgressCallback, resolve_weight_format
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.settings import FaultInjection, Settings, default_models_dir
@@ -58,27 +59,35 @@ class LLM:
         device: str = "auto",
         gpu_index: int = 0,
         dtype: str | torch.dtype | None = None,
-        weight_format: str = "dense",
+        weight_format: str = "auto",
         models_dir: str | os.PathLike[str] | None = None,
         kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         block_size: int = 16,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
         max_waiting: int = 1024,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        cuda_graphs: bool = True,
         progress: ProgressCallback | None = None,
         faults: FaultInjection | None = None,
     ) -> None:
         """``model``: a GGUF path, a known model name (``smollm2``) or None for the default.
         ``device``: ``auto`` (GPU if usable, else the CPU: see the module docstring), ``cpu``,
         ``cuda`` or ``cuda:N``.
-        ``weight_format``: ``dense`` (default) dequantizes every weight to ``dtype`` (exact:
-        matches HF transformers on the dequantized weights); ``quantized`` keeps 4-bit
-        weights packed and the others in int8, with bf16 activations in the matmuls, where
-        the device has kernels for it (CPU) — about 2x faster decode, slightly less accurate.
-        ``kv_cache_memory``: bytes for the KV cache (default: 512 MiB on the CPU, 85 % of
-        the GPU memory left after the weights).
+        ``weight_format``: ``auto`` (default) is ``quantized`` on a GPU and ``dense`` on the
+        CPU. ``dense`` dequantizes every weight to ``dtype`` (exact: matches HF transformers
+        on the dequantized weights). ``quantized`` on a GPU keeps the GGUF blocks in device
+        memory and dequantizes them inside Triton matmul kernels (the same values as
+        ``dense``, a quarter to a half of the bytes); on the CPU it keeps 4-bit weights
+        packed and the others in int8, with bf16 activations — about 2x faster decode,
+        slightly less accurate.
+        ``kv_cache_memory``: bytes for the KV cache (default: 512 MiB on the CPU; on a GPU
+        what is left of ``gpu_memory_utilization`` x its memory after the weights and the
+        activation workspace: see :mod:`rocmforge.engine.memory`).
+        ``cuda_graphs``: on a GPU, replay decode steps from CUDA graphs captured at start-up
+        (off: launch every kernel eagerly, e.g. to debug or profile).
         ``faults``: a testing aid (``ROCMFORGE_FAULT_INJECT``), None in production."""
         faults = faults or FaultInjection()
         started = time.perf_counter()
@@ -100,8 +109,9 @@ class LLM:
 
             options = PlacementOptions(
                 device=device, gpu_index=gpu_index, dtype=dtype, weight_format=weight_format,
-                kv_cache_memory=kv_cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len, faults=faults,
+                kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
+                block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                max_model_len=max_model_len, cuda_graphs=cuda_graphs, faults=faults,
             )
             placement = place_model(gguf, options, progress)
         finally:
@@ -111,6 +121,8 @@ class LLM:
         self.dtype = placement.dtype
         self.config = placement.config
         self.max_model_len = placement.max_model_len
+        self.memory_plan = placement.memory_plan
+        """How the device's memory was divided: weights, workspace, KV cache, reserve."""
         self.device_fallback = placement.fallback
         """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
 
@@ -131,7 +143,8 @@ class LLM:
         logger.info(
             "model loaded in %.2f s on %s (%s, %s weights): KV cache %d blocks x %d tokens = %d tokens, %s; "
             "context %d tokens, at most %d running requests", self.load_seconds, self.device,
-            str(self.dtype).removeprefix("torch."), weight_format, runner.num_blocks, block_size,
+            str(self.dtype).removeprefix("torch."), resolve_weight_format(weight_format, self.device),
+            runner.num_blocks, block_size,
             runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len, max_num_seqs,
         )
 
@@ -151,6 +164,8 @@ class LLM:
             max_waiting=settings.max_waiting,
             max_model_len=settings.max_model_len,
             kv_cache_memory=settings.kv_cache_memory,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            cuda_graphs=settings.cuda_graphs,
             progress=progress,
             faults=settings.faults(),
         )

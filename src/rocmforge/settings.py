@@ -120,8 +120,9 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     gpu_device: int = Field(default=0, ge=0, description="GPU index used by `auto` and `cuda`.")
     dtype: str = Field(default="auto", description="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
-    weight_format: Literal["dense", "quantized"] = Field(
-        default="dense", description="dense | quantized (CPU: int4/int8 weights)"
+    weight_format: Literal["auto", "dense", "quantized"] = Field(
+        default="auto",
+        description="auto (quantized on GPU, dense on CPU) | dense | quantized (GPU: GGUF blocks; CPU: int4/int8)",
     )
     addr: str = Field(default="127.0.0.1:8080", description="Address `rocmforge serve` binds (HOST:PORT).")
     host: str = Field(default="http://127.0.0.1:8080", description="Server URL the client commands talk to.")
@@ -132,7 +133,13 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(default=64, gt=0, description="Most requests decoded together.")
     max_waiting: int = Field(default=1024, gt=0, description="Waiting-queue capacity; beyond it requests get 429.")
     max_model_len: int | None = Field(default=None, gt=0, description="Context window (default: the model's).")
-    kv_cache_memory: int | None = Field(default=None, gt=0, description="KV-cache bytes (default: 512 MiB CPU, 85% GPU).")
+    kv_cache_memory: int | None = Field(
+        default=None, gt=0, description="KV-cache bytes (default: 512 MiB CPU; GPU: what the memory plan leaves)."
+    )
+    cuda_graphs: bool = Field(default=True, description="Replay decode steps from CUDA graphs on a GPU.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Share of the GPU's memory the engine plans with (weights + KV + workspace)."
+    )
     shutdown_timeout: float = Field(
         default=30.0,
         ge=0,

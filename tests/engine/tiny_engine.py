@@ -38,9 +38,10 @@ class TinyModel:
 
 
 def kv_bytes(num_blocks: int, block_size: int) -> int:
-    """Bytes of ``num_blocks`` fp32 KV blocks of the tiny model (K and V, all layers)."""
+    """KV-cache memory that gives the tiny model a pool of ``num_blocks`` fp32 blocks (K and
+    V, all layers), plus the runner's scratch block."""
     spec = TINY_SPEC
-    return num_blocks * 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * 4
+    return (num_blocks + 1) * 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * 4
 
 
 class StepRecorder:

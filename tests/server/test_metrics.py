@@ -68,8 +68,9 @@ def prompt(length: int, offset: int = 0) -> list[int]:
 
 
 def kv_bytes(num_blocks: int, block_size: int) -> int:
-    """Bytes of ``num_blocks`` fp32 KV blocks of :data:`SPEC` (K and V, all layers)."""
-    return num_blocks * 2 * SPEC.num_layers * block_size * SPEC.num_kv_heads * SPEC.head_dim * 4
+    """KV-cache memory that gives :data:`SPEC` a pool of ``num_blocks`` fp32 blocks (K and V,
+    all layers), plus the runner's scratch block."""
+    return (num_blocks + 1) * 2 * SPEC.num_layers * block_size * SPEC.num_kv_heads * SPEC.head_dim * 4
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

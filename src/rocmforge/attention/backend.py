@@ -2,6 +2,8 @@
 
 A backend does two things per layer and step: write the new tokens' K/V into the paged
 cache, and compute attention of the new queries over each sequence's cached context.
+``forward`` does both; ``attend`` only the second, for models whose fused RoPE + KV-write
+kernel (:func:`rocmforge.kernels.fused.apply_rotary_and_write_kv`) already filled the cache.
 """
 
 from __future__ import annotations
@@ -30,11 +32,27 @@ class AttentionBackend(Protocol):
         caches: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim]."""
         ...
 
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """``forward`` without the KV write: the new tokens' K/V are already in the cache."""
+        ...
+
 
 def get_backend(name: str = "torch") -> AttentionBackend:
-    from rocmforge.attention.torch_ref import TorchPagedAttention
+    """``"torch"`` (the reference, any device) or ``"triton"`` (the paged kernels; imports
+    Triton, so only on request)."""
+    if name == "torch":
+        from rocmforge.attention.torch_ref import TorchPagedAttention
 
-    backends: dict[str, type] = {"torch": TorchPagedAttention}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r} (have: {', '.join(backends)})")
-    return backends[name]()
+        return TorchPagedAttention()
+    if name == "triton":
+        from rocmforge.attention.triton_paged import TritonPagedAttention
+
+        return TritonPagedAttention()
+    raise ValueError(f"unknown attention backend {name!r} (have: torch, triton)")

@@ -33,6 +33,17 @@ class TorchPagedAttention:
         write_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
         return paged_attention(q, k_cache, v_cache, metadata, scale)
 
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention only: the new tokens' K/V are already in the cache."""
+        return paged_attention(q, k_cache, v_cache, metadata, scale)
+
 
 def write_kv(
     k: torch.Tensor,

@@ -151,7 +151,7 @@ def generate(
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = None,
     weight_format: Annotated[
-        str | None, typer.Option("--weight-format", help="dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")
+        str | None, typer.Option("--weight-format", help="auto | dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")
     ] = None,
 ) -> None:
     """Generate text: through the server (--host), or locally when --gguf names a model."""
@@ -184,7 +184,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option("--api-key", help="Require this Bearer key [env: ROCMFORGE_API_KEY].")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 [env: ROCMFORGE_DTYPE].")] = None,
-    weight_format: Annotated[str | None, typer.Option("--weight-format", help="dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")] = None,
+    weight_format: Annotated[str | None, typer.Option("--weight-format", help="auto | dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")] = None,
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="Most requests decoded together [env: ROCMFORGE_MAX_NUM_SEQS].")] = None,
     max_waiting: Annotated[int | None, typer.Option("--max-waiting", help="Queue capacity; beyond it 429 [env: ROCMFORGE_MAX_WAITING].")] = None,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Context window [env: ROCMFORGE_MAX_MODEL_LEN].")] = None,

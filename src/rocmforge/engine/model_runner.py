@@ -1,8 +1,9 @@
 """The model runner: the one owner of device state.
 
 It holds the model's weights (through the model), the paged KV cache (one K and one V tensor
-per layer, ``[num_blocks, block_size, num_kv_heads, head_dim]``) and each seeded request's
-random generator. Each step it turns the scheduler's integer plan into tensors, runs the
+per layer, ``[num_blocks + 1, block_size, num_kv_heads, head_dim]``: the last block is the
+scratch block padding rows write to), the decode CUDA graphs with their static buffers
+(:mod:`rocmforge.engine.cuda_graphs`) and each seeded request's random generator. Each step it turns the scheduler's integer plan into tensors, runs the
 model, samples, and hands back plain Python values — one host synchronisation per step.
 
 In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rocmforge.attention import AttentionMetadata
+from rocmforge.engine.cuda_graphs import DecodeGraphs
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from rocmforge.errors import (
@@ -83,7 +85,15 @@ class ModelRunner:
         device: torch.device,
         kv_dtype: torch.dtype,
         faults: FaultInjection | None = None,
+        *,
+        static_decode: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
     ) -> None:
+        """``static_decode``: run decode-only steps at fixed padded shapes through
+        :class:`~rocmforge.engine.cuda_graphs.DecodeGraphs` (captured into CUDA graphs by
+        :meth:`capture_decode_graphs` on a GPU; eager on the CPU, for tests), for batches of
+        up to ``max_num_seqs`` requests and contexts of up to ``max_model_len`` tokens."""
         config = model.config
         self.faults = faults if faults is not None and faults.affects_forward else None
         self._transient_faults_left = faults.transient if faults is not None else 0
@@ -91,7 +101,9 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        # One block more than the scheduler hands out: the scratch block padding rows of a
+        # static decode step write their K/V to.
+        shape = (num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
         # Zero-filled: masked-out cache entries still enter the attention matmul (weight 0),
         # so they must be finite.
         self.kv_caches = [
@@ -101,6 +113,10 @@ class ModelRunner:
         model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.decode_graphs = DecodeGraphs(
+            model, device=device, block_size=block_size, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len or config.max_context, scratch_slot=num_blocks * block_size,
+        ) if static_decode else None
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %s)",
             num_blocks,
@@ -108,6 +124,11 @@ class ModelRunner:
             num_blocks * kv_block_bytes(config, block_size, kv_dtype) / 2**20,
             kv_dtype,
         )
+
+    def capture_decode_graphs(self) -> None:
+        """Capture the static decode step's CUDA graphs (a GPU with ``static_decode``)."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture()
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its random generator)."""
@@ -205,6 +226,10 @@ class ModelRunner:
     @torch.inference_mode()
     def _execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
         self._inject_faults(scheduled)
+        result = RunnerOutput(sampled={})
+        if self.decode_graphs is not None and self.decode_graphs.accepts(scheduled):
+            self._sample(scheduled, self.decode_graphs.run(scheduled), result)
+            return result
         input_ids: list[int] = []
         positions: list[int] = []
         for item in scheduled:
@@ -222,33 +247,34 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.int64, device=self.device),
             metadata,
         )
-
         ends = _query_ends(scheduled)
         samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if item.samples]
-        result = RunnerOutput(sampled={})
         if samplers:
             rows = torch.tensor([row for _, row in samplers], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            batch = SamplingBatch(
-                params=[item.request.params for item, _ in samplers],
-                prompt_ids=[item.request.prompt_token_ids for item, _ in samplers],
-                output_ids=[item.request.output_token_ids for item, _ in samplers],
-                generators=[self._generator(item) for item, _ in samplers],
-                suppressed=[_suppressed(item) for item, _ in samplers],
-            )
-            sampled = self.sampler(logits, batch)
-            tokens = sampled.token_ids.tolist()  # the step's host synchronisation
-            for (item, _), token in zip(samplers, tokens):
-                result.sampled[item.request.request_id] = token
-            if sampled.logprobs is not None and sampled.top_ids is not None:
-                values, top_ids = sampled.logprobs.tolist(), sampled.top_ids.tolist()
-                for i, ((item, _), token) in enumerate(zip(samplers, tokens)):
-                    n = item.request.params.logprobs
-                    if n is not None:
-                        top = list(zip(top_ids[i][:n], values[i][1 : n + 1]))
-                        result.logprobs[item.request.request_id] = TokenLogprobs(token, values[i][0], top)
+            self._sample([item for item, _ in samplers], self.model.compute_logits(hidden[rows]), result)
         self._prompt_logprobs(scheduled, ends, hidden, result)
         return result
+
+    def _sample(self, items: list[ScheduledRequest], logits: torch.Tensor, result: RunnerOutput) -> None:
+        """Sample one token per row of ``logits`` (row i: ``items[i]``) into ``result``."""
+        batch = SamplingBatch(
+            params=[item.request.params for item in items],
+            prompt_ids=[item.request.prompt_token_ids for item in items],
+            output_ids=[item.request.output_token_ids for item in items],
+            generators=[self._generator(item) for item in items],
+            suppressed=[_suppressed(item) for item in items],
+        )
+        sampled = self.sampler(logits, batch)
+        tokens = sampled.token_ids.tolist()  # the step's host synchronisation
+        for item, token in zip(items, tokens):
+            result.sampled[item.request.request_id] = token
+        if sampled.logprobs is not None and sampled.top_ids is not None:
+            values, top_ids = sampled.logprobs.tolist(), sampled.top_ids.tolist()
+            for i, (item, token) in enumerate(zip(items, tokens)):
+                n = item.request.params.logprobs
+                if n is not None:
+                    top = list(zip(top_ids[i][:n], values[i][1 : n + 1]))
+                    result.logprobs[item.request.request_id] = TokenLogprobs(token, values[i][0], top)
 
     def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
         seed = item.request.params.seed

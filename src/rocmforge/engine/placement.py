@@ -19,19 +19,28 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rocmforge.attention import get_backend
-from rocmforge.device import device_error, resolve_device, resolve_dtype
+from rocmforge.attention import default_backend, get_backend
+from rocmforge.device import device_error, free_memory, resolve_device, resolve_dtype
+from rocmforge.engine.memory import (
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    MIN_CONTEXT_TOKENS,
+    MemoryPlan,
+    activation_workspace_bytes,
+    check_weights_fit,
+    module_bytes,
+    plan_cpu_kv_cache,
+    plan_gpu_kv_cache,
+)
 from rocmforge.engine.model_runner import ModelRunner, kv_block_bytes
-from rocmforge.errors import DeviceError, InvalidRequestError
+from rocmforge.errors import DeviceError
 from rocmforge.gguf import GGUFFile
 from rocmforge.models.config import ModelConfig
-from rocmforge.models.loader import ProgressCallback, load_model
+from rocmforge.models.loader import ProgressCallback, load_model, placed_weight_bytes
 from rocmforge.settings import FaultInjection
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_KV_BYTES = 512 << 20
-GPU_MEMORY_UTILIZATION = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +50,14 @@ class PlacementOptions:
     dtype: str | torch.dtype | None = None
     weight_format: str = "dense"
     kv_cache_memory: int | None = None
-    """Bytes for the KV cache (default: 512 MiB on the CPU, 85 % of the GPU memory left)."""
+    """Bytes for the KV cache (default: 512 MiB on the CPU; on a GPU what the memory plan
+    leaves, see :mod:`rocmforge.engine.memory`)."""
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     block_size: int = 16
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    cuda_graphs: bool = True
+    """Replay decode steps from CUDA graphs on a GPU (off: every step launches eagerly)."""
     max_model_len: int | None = None
     faults: FaultInjection = field(default_factory=FaultInjection)
 
@@ -55,6 +69,7 @@ class Placement:
     dtype: torch.dtype
     config: ModelConfig
     max_model_len: int
+    memory_plan: MemoryPlan
     fallback: str | None = None
     """Why ``auto`` ended up on the CPU although a GPU was wanted; None otherwise."""
 
@@ -76,7 +91,7 @@ def place_model(gguf: GGUFFile, options: PlacementOptions, progress: ProgressCal
         except (DeviceError, RuntimeError, AssertionError) as exc:
             if target.type != "cuda":
                 raise
-            needed = _weight_bytes(gguf, resolve_dtype(options.dtype, target))
+            needed = placed_weight_bytes(gguf, resolve_dtype(options.dtype, target), options.weight_format, target)
             error = device_error(exc, target, "loading the model", needed)
             if not auto:
                 if error is exc:
@@ -98,23 +113,64 @@ def _place(
     dtype = resolve_dtype(dtype_name, device)
     logger.info("placing the weights on %s as %s (%s)", device, str(dtype).removeprefix("torch."),
                 options.weight_format)
+    if device.type == "cuda":
+        free, total = free_memory(device)
+        check_weights_fit(placed_weight_bytes(gguf, dtype, options.weight_format, device), free, total, str(device))
     loaded = load_model(
-        gguf, device=device, dtype=dtype, attention=get_backend(), weight_format=options.weight_format,
-        progress=progress,
+        gguf, device=device, dtype=dtype, attention=get_backend(default_backend(device)),
+        weight_format=options.weight_format, progress=progress,
     )
     config = loaded.config
     block_size = options.block_size
-    block_bytes = kv_block_bytes(config, block_size, dtype)
     context = min(options.max_model_len or config.max_context, config.max_context)
-    useful_blocks = options.max_num_seqs * -(-context // block_size)
-    num_blocks = _num_kv_blocks(device, options.kv_cache_memory, block_bytes, useful_blocks)
+    plan = _plan_memory(device, loaded.model, config, dtype, context, options)
+    logger.info("%s", plan.describe())
+    max_model_len = min(context, plan.num_blocks * block_size)
+    # Graphs need the Triton decode kernel, whose grid depends on host constants only.
+    graphs = options.cuda_graphs and default_backend(device) == "triton"
     try:
-        runner = ModelRunner(loaded.model, num_blocks, block_size, device, kv_dtype=dtype, faults=options.faults)
+        runner = ModelRunner(
+            loaded.model, plan.num_blocks, block_size, device, kv_dtype=dtype, faults=options.faults,
+            static_decode=graphs, max_num_seqs=options.max_num_seqs, max_model_len=max_model_len,
+        )
     except (RuntimeError, AssertionError) as exc:
         if device.type != "cuda":
             raise
-        raise device_error(exc, device, "allocating the KV cache", num_blocks * block_bytes) from exc
-    return Placement(runner, device, dtype, config, max_model_len=min(context, num_blocks * block_size))
+        raise device_error(exc, device, "allocating the KV cache", plan.kv_bytes) from exc
+    try:
+        runner.capture_decode_graphs()
+    except (RuntimeError, AssertionError) as exc:
+        raise device_error(exc, device, "capturing the decode CUDA graphs") from exc
+    return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
+
+
+def _plan_memory(
+    device: torch.device,
+    model: torch.nn.Module,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    context: int,
+    options: PlacementOptions,
+) -> MemoryPlan:
+    """The KV pool's size: from the GPU memory left after the weights, or the CPU budget."""
+    block_bytes = kv_block_bytes(config, options.block_size, dtype)
+    useful_blocks = options.max_num_seqs * -(-context // options.block_size)
+    weight_bytes = module_bytes(model)
+    workspace = activation_workspace_bytes(config, options.max_num_batched_tokens, options.max_num_seqs, dtype)
+    if device.type != "cuda":
+        return plan_cpu_kv_cache(
+            kv_cache_memory=options.kv_cache_memory or DEFAULT_CPU_KV_BYTES, weight_bytes=weight_bytes,
+            workspace_bytes=workspace, block_bytes=block_bytes, max_useful_blocks=useful_blocks,
+        )
+    free, total = free_memory(device)
+    # An explicit max_model_len must fit whole; the model's own context may shrink.
+    min_tokens = context if options.max_model_len else min(context, MIN_CONTEXT_TOKENS)
+    return plan_gpu_kv_cache(
+        device=str(device), free_bytes=free, total_bytes=total, weight_bytes=weight_bytes, workspace_bytes=workspace,
+        block_bytes=block_bytes, block_size=options.block_size, min_tokens=min_tokens,
+        max_useful_blocks=useful_blocks, utilization=options.gpu_memory_utilization,
+        kv_cache_memory=options.kv_cache_memory,
+    )
 
 
 def _fall_back(gguf: GGUFFile, reason: str, options: PlacementOptions, progress: ProgressCallback | None) -> Placement:
@@ -131,26 +187,4 @@ def _fall_back(gguf: GGUFFile, reason: str, options: PlacementOptions, progress:
         dtype = None
     placement = _place(gguf, torch.device("cpu"), dtype, options, progress)
     return Placement(placement.runner, placement.device, placement.dtype, placement.config,
-                     placement.max_model_len, fallback=reason)
-
-
-def _num_kv_blocks(device: torch.device, memory: int | None, block_bytes: int, useful_blocks: int) -> int:
-    if memory is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            memory = int(free * GPU_MEMORY_UTILIZATION)
-        else:
-            memory = DEFAULT_CPU_KV_BYTES
-    blocks = min(memory // block_bytes, useful_blocks)
-    if blocks < 1:
-        raise InvalidRequestError(
-            f"KV cache memory {memory} bytes is smaller than one block ({block_bytes} bytes)",
-            param="kv_cache_memory",
-        )
-    return blocks
-
-
-def _weight_bytes(gguf: GGUFFile, dtype: torch.dtype) -> int:
-    """Bytes of the weights dequantized to ``dtype`` (what ``dense`` loading places)."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return sum(t.n_elements for t in gguf.tensors.values()) * element
+                     placement.max_model_len, placement.memory_plan, fallback=reason)

@@ -6,18 +6,35 @@ transformers (norms and RoPE computed in fp32) so that fp32 logits match it.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, optionally fused with the residual add before it: ``norm(x, residual)``
+    returns ``(norm(x + residual), x + residual)``, the sum in x's dtype."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        self.kernels: ModuleType | None = None
+        """:mod:`rocmforge.kernels.fused` when the model runs the fused kernels."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+        if residual is None:
+            return self._norm(x)
+        total = x + residual
+        return self._norm(total), total
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()

@@ -11,6 +11,8 @@ matmul each (``qkv_proj``, ``gate_up_proj``), as the weight loader lays them out
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,8 @@ class Attention(nn.Module):
         self.backend = backend
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.kernels: ModuleType | None = None
+        """:mod:`rocmforge.kernels.fused` when RoPE and the KV write run as one kernel."""
 
     def forward(
         self,
@@ -46,10 +50,17 @@ class Attention(nn.Module):
         tokens = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Q and K heads rotate together: one RoPE call over [tokens, heads + kv_heads, head_dim].
-        qk = apply_rotary(qk.reshape(tokens, self.num_heads + self.num_kv_heads, self.head_dim), rotation)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        qk = qk.reshape(tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
+        if self.kernels is not None:
+            cos, sin = rotation
+            q = self.kernels.apply_rotary_and_write_kv(
+                qk, v, cos, sin, self.k_cache, self.v_cache, metadata.slot_mapping, self.num_heads
+            )
+            out = self.backend.attend(q, self.k_cache, self.v_cache, metadata, self.scale)
+        else:
+            q, k = apply_rotary(qk, rotation).split([self.num_heads, self.num_kv_heads], dim=1)
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -59,9 +70,14 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.kernels: ModuleType | None = None
+        """:mod:`rocmforge.kernels.fused` when SiLU-and-mul runs as one kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None:
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -76,11 +92,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         rotation: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotation, metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, residual)`` -> the layer's output delta and the residual stream before it:
+        the stream after the layer is their sum, which the next norm computes fused."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rotation, metadata)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -120,9 +145,20 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rotation = self.rotary(positions)
+        residual = None  # the first layer starts the residual stream (block_count >= 1)
         for layer in self.layers:
-            x = layer(x, rotation, metadata)
-        return self.norm(x)
+            x, residual = layer(x, residual, rotation, metadata)
+        return self.norm(x, residual)[0]
+
+    def use_fused_kernels(self) -> None:
+        """Run RMSNorm + residual add, RoPE + KV write and SiLU-and-mul as the fused Triton
+        kernels of :mod:`rocmforge.kernels.fused` (a GPU, or tests under Triton's
+        interpreter). The attention backend must provide ``attend``."""
+        from rocmforge.kernels import fused
+
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = fused
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states ``[N, hidden]`` to fp32 logits ``[N, vocab]``."""

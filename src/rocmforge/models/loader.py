@@ -20,9 +20,11 @@ from rocmforge.attention import AttentionBackend
 from rocmforge.errors import ModelLoadError
 from rocmforge.gguf import GGUFFile, TensorInfo
 from rocmforge.gguf.dequant import Q4_TYPES, dequantize, split_q4
+from rocmforge.kernels import kernels_usable
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.quant import int4_cpu
+from rocmforge.quant.gguf_linear import GGUFLinear
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,18 @@ ProgressCallback = Callable[[int, int], None]
 
 WeightFormat = str
 """``dense``: dequantize every weight to the compute dtype (exact; the reference path).
-``quantized``: keep 4-bit weights packed and run other matmul weights in bf16, where the
-device has kernels for it (CPU today)."""
+``quantized``: keep the weights quantized where the device has kernels for it — on a GPU the
+GGUF blocks themselves, read by Triton matmul kernels (:mod:`rocmforge.quant.gguf_linear`:
+the same values as ``dense``, a quarter to a half of the bytes); on the CPU 4-bit weights
+repacked for torch's int4 kernel and the rest re-quantized to int8 per row
+(:mod:`rocmforge.quant.int4_cpu`: faster, slightly less accurate).
+``auto``: ``quantized`` on a GPU, ``dense`` on the CPU."""
+WEIGHT_FORMATS = ("auto", "dense", "quantized")
+
+QuantKernels = str
+"""Which quantized linear layers ``quantized`` builds: ``auto`` (GGUF-block Triton kernels
+on a GPU, int4/int8 torch kernels on the CPU), ``triton`` or ``cpu``. Only tests choose:
+``triton`` on the CPU runs the GPU kernels under Triton's interpreter."""
 
 # Parameters filled directly: parameter path -> GGUF tensor name.
 PARAMS: dict[str, str] = {
@@ -67,17 +79,21 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attention: AttentionBackend,
-    weight_format: WeightFormat = "dense",
+    weight_format: WeightFormat = "auto",
+    quant_kernels: QuantKernels = "auto",
+    fused_kernels: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
-    if weight_format not in ("dense", "quantized"):
-        raise ValueError(f"unknown weight format {weight_format!r}")
+    """``fused_kernels``: run the fused Triton small ops (:meth:`LlamaForCausalLM.use_fused_kernels`);
+    None: on a GPU with Triton. The attention backend must then provide ``attend``."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r} (have: {', '.join(WEIGHT_FORMATS)})")
     if "token_embd.weight" not in gguf.tensors:
         raise ModelLoadError(f"{gguf.path}: required tensor 'token_embd.weight' is missing")
     vocab_size = gguf.tensors["token_embd.weight"].shape[0]
     config = ModelConfig.from_gguf_metadata(gguf.metadata, vocab_size=vocab_size)
     loader = _TensorLoader(gguf, config, device)
-    quantized = weight_format == "quantized" and device.type == "cpu" and int4_cpu.available()
+    kernels = _quant_kernels(weight_format, quant_kernels, device)
 
     freq_factors = loader.dense(ROPE_FREQS, torch.float32) if ROPE_FREQS in gguf.tensors else None
     model = LlamaForCausalLM(config, attention, rope_freq_factors=freq_factors)
@@ -99,8 +115,9 @@ def load_model(
     for done, (module_name, (weights, biases)) in enumerate(linears.items(), start=len(params) + 1):
         bias = torch.cat([loader.dense(b, dtype) for b in biases]) if biases else None
         module = model.get_submodule(module_name)
-        if quantized:
-            replacement = loader.quantized_linear(weights, bias, (module.out_features, module.in_features))
+        shape = (module.out_features, module.in_features)
+        replacement = loader.quantized_linear(kernels, weights, bias, shape) if kernels else None
+        if replacement is not None:
             parent, _, attr = module_name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr, replacement)
         else:
@@ -109,8 +126,9 @@ def load_model(
                 _fill(module.bias, bias, biases, gguf)
         _report(progress, done, total)
     if tied:
-        if quantized:
-            model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.weight)
+        tied_head = loader.tied_head(kernels, model.embed_tokens.weight) if kernels else None
+        if tied_head is not None:
+            model.lm_head = tied_head
         else:
             model.lm_head.weight = model.embed_tokens.weight
 
@@ -118,7 +136,44 @@ def load_model(
     if unused:
         logger.warning("ignoring %d tensors the model does not use: %s", len(unused), ", ".join(unused[:8]))
     model.rotary.to(device)
+    if fused_kernels if fused_kernels is not None else device.type == "cuda" and kernels_usable(device):
+        model.use_fused_kernels()
     return LoadedModel(model=model.eval(), config=config, tied_embeddings=tied)
+
+
+def resolve_weight_format(weight_format: WeightFormat, device: torch.device) -> str:
+    """``auto`` -> ``quantized`` on a GPU, ``dense`` on the CPU; others as they are."""
+    if weight_format == "auto":
+        return "quantized" if device.type == "cuda" else "dense"
+    return weight_format
+
+
+def _quant_kernels(weight_format: WeightFormat, quant_kernels: QuantKernels, device: torch.device) -> str | None:
+    """The quantized linear layers to build (``triton`` / ``cpu``), or None for dense."""
+    if resolve_weight_format(weight_format, device) != "quantized":
+        return None
+    if quant_kernels == "auto":
+        quant_kernels = "triton" if device.type == "cuda" else "cpu"
+    if quant_kernels == "triton" and kernels_usable(device):
+        return "triton"
+    if quant_kernels == "cpu" and device.type == "cpu" and int4_cpu.available():
+        return "cpu"
+    logger.warning("no %s quantized kernels usable on %s: dequantizing the weights", quant_kernels, device)
+    return None
+
+
+def placed_weight_bytes(gguf: GGUFFile, dtype: torch.dtype, weight_format: WeightFormat, device: torch.device) -> int:
+    """Bytes the weights will take on ``device`` (checked against free memory before
+    loading): GGUF block bytes for matrices the GPU kernels read quantized, ``dtype``
+    elements for everything else (the embedding table is dequantized in both formats)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    quantized = resolve_weight_format(weight_format, device) == "quantized" and device.type == "cuda"
+    total = 0
+    for name, info in gguf.tensors.items():
+        keep = quantized and name != "token_embd.weight" and len(info.shape) == 2 and GGUFLinear.supports(
+            info.ggml_type, info.shape[1])
+        total += info.nbytes if keep else info.n_elements * element
+    return total
 
 
 def _fill(param: torch.nn.Parameter, tensor: torch.Tensor, sources: tuple[str, ...], gguf: GGUFFile) -> None:
@@ -146,6 +201,37 @@ class _TensorLoader:
         return self._to_interleaved(name, tensor).to(dtype)
 
     def quantized_linear(
+        self, kernels: str, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
+    ) -> torch.nn.Module | None:
+        """The quantized layer for ``kernels``, or None where it keeps the weight dense (a
+        float or unsupported type on the GPU)."""
+        if kernels == "triton":
+            return self._gguf_linear(weights, bias, shape)
+        return self._cpu_linear(weights, bias, shape)
+
+    def tied_head(self, kernels: str, embedding: torch.Tensor) -> torch.nn.Module | None:
+        """The output head tied to ``token_embd``: its GGUF blocks on the GPU (read once more
+        from the file; the embedding table itself is dense), int8 rows on the CPU."""
+        if kernels == "triton":
+            return self._gguf_linear(("token_embd.weight",), None, tuple(embedding.shape))
+        return int4_cpu.Int8Linear(embedding)
+
+    def _gguf_linear(
+        self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
+    ) -> torch.nn.Module | None:
+        infos = [self._info(w) for w in weights]
+        if not all(len(info.shape) == 2 and GGUFLinear.supports(info.ggml_type, info.shape[1]) for info in infos):
+            return None
+        parts = []
+        for name in weights:
+            info, raw = self._raw(name)
+            rows = raw.view(info.shape[0], -1)  # GGUF blocks run along a row: rows permute exactly
+            parts.append((self._to_interleaved(name, rows), info.ggml_type))
+        layer = GGUFLinear(parts, in_features=infos[0].shape[1], bias=bias)
+        _check_shape(torch.Size((layer.out_features, layer.in_features)), shape, weights, self.gguf)
+        return layer
+
+    def _cpu_linear(
         self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
     ) -> torch.nn.Module:
         """An int4 linear layer when every source is 4-bit, else an int8 one."""

@@ -1,0 +1,180 @@
+"""A linear layer whose weight stays in GGUF block layout on the device.
+
+In: the weight as ``parts``, each a uint8 ``[rows_i, row_bytes_i]`` tensor of one
+:class:`gguf.GGMLQuantizationType` holding ``rows_i`` output rows of ``in_features``
+elements exactly as the file stores them, stacked along the output dimension in the given
+order (a fused Q|K|V or gate|up projection may mix types: a Q4_K_M file has Q4_K q/k and
+Q6_K v); an optional bias ``[out_features]``. Out: ``forward(x)`` maps
+``[..., in_features]`` to ``[..., out_features]`` in ``x.dtype``.
+
+The layer owns its byte buffers: consecutive parts of one type are concatenated at
+construction into one buffer (``register_buffer``, so ``.to(device)`` moves them and
+``buffers()`` counts them), and ``forward`` makes one :func:`quant_matmul` launch per
+buffer, each writing its column slice of one preallocated output::
+
+    parts   Q4_K [q rows] | Q4_K [k rows] | Q6_K [v rows]
+    buffers weight_0 (Q4_K, q+k rows)     | weight_1 (Q6_K, v rows)
+    output  y[:, 0 : q+k]                 | y[:, q+k : q+k+v]
+
+A caller may permute the rows of a part before construction (the Q/K rope permutation):
+blocks run along a row, so ``part[perm]`` is the exact quantized form of the permuted
+weight. :meth:`GGUFLinear.dequantize` is the dense reference (``F.linear`` on it is what
+``forward`` computes). The kernels need Triton on a GPU (or its CPU interpreter); ask
+:meth:`GGUFLinear.supports` before building one and
+:func:`rocmforge.kernels.kernels_usable` for the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from rocmforge.gguf.dequant import dequantize
+from rocmforge.kernels import triton_available
+
+__all__ = ["GGUFLinear"]
+
+
+def _matmul() -> Callable[..., torch.Tensor]:
+    """:func:`rocmforge.kernels.quant_matmul.quant_matmul`, imported on first use: the module
+    imports Triton (optional on CPU installs) and decorates its kernels on import, which
+    must come after the interpreter switch is set."""
+    from rocmforge.kernels.quant_matmul import quant_matmul
+
+    return quant_matmul
+
+
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One weight buffer: its name, type and the output columns ``[start, stop)`` it fills."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    start: int
+    stop: int
+
+
+class GGUFLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` kept as GGUF blocks and decoded inside the matmul."""
+
+    @staticmethod
+    def supports(ggml_type: GGMLQuantizationType | int, in_features: int) -> bool:
+        """Whether a part of ``ggml_type`` with rows of ``in_features`` can be served (Triton
+        installed, a type the kernels decode, whole blocks per row)."""
+        if not triton_available():
+            return False
+        from rocmforge.kernels.quant_matmul import SUPPORTED_TYPES  # see _matmul
+
+        try:
+            qtype = GGMLQuantizationType(ggml_type)
+        except ValueError:
+            return False
+        if qtype not in SUPPORTED_TYPES:
+            return False
+        return in_features > 0 and in_features % GGML_QUANT_SIZES[qtype][0] == 0
+
+    def __init__(
+        self,
+        parts: Sequence[tuple[torch.Tensor, GGMLQuantizationType]],
+        in_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("GGUFLinear needs at least one weight part")
+        self.in_features = in_features
+        merged: list[tuple[GGMLQuantizationType, list[torch.Tensor]]] = []
+        for index, (data, ggml_type) in enumerate(parts):
+            qtype = self._check_part(index, data, ggml_type, in_features)
+            if merged and merged[-1][0] == qtype:
+                merged[-1][1].append(data)
+            else:
+                merged.append((qtype, [data]))
+
+        segments: list[_Segment] = []
+        start = 0
+        for index, (qtype, tensors) in enumerate(merged):
+            name = f"weight_{index}"
+            buffer = tensors[0].contiguous() if len(tensors) == 1 else torch.cat(tensors)
+            self.register_buffer(name, buffer, persistent=False)
+            segments.append(_Segment(name, qtype, start, start + buffer.shape[0]))
+            start += buffer.shape[0]
+        self._segments = tuple(segments)
+        self.out_features = start
+
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(
+                f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}"
+            )
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def _check_part(
+        cls,
+        index: int,
+        data: torch.Tensor,
+        ggml_type: GGMLQuantizationType | int,
+        in_features: int,
+    ) -> GGMLQuantizationType:
+        if not cls.supports(ggml_type, in_features):
+            raise ValueError(
+                f"part {index}: type {ggml_type!r} with in_features={in_features} "
+                "is not supported by the quantized matmul kernels"
+            )
+        qtype = GGMLQuantizationType(ggml_type)
+        block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
+        row_bytes = in_features // block_elements * block_bytes
+        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes:
+            raise ValueError(
+                f"part {index}: expected a uint8 [rows, {row_bytes}] tensor of {qtype.name} "
+                f"rows of {in_features} elements, got {data.dtype} of shape "
+                f"{tuple(data.shape)}"
+            )
+        return qtype
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of quantized weight held (bias excluded)."""
+        return sum(getattr(self, s.name).numel() for s in self._segments)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``; one kernel launch
+        per weight buffer. RuntimeError where the kernels cannot run on ``x.device``."""
+        quant_matmul = _matmul()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"expected input [..., {self.in_features}], got shape {tuple(x.shape)}"
+            )
+        rows = x.reshape(-1, self.in_features)
+        out = torch.empty((rows.shape[0], self.out_features), dtype=x.dtype, device=x.device)
+        for segment in self._segments:
+            quant_matmul(
+                rows,
+                getattr(self, segment.name),
+                segment.ggml_type,
+                out=out[:, segment.start : segment.stop],
+            )
+        if self.bias is not None:
+            out += self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight ``[out_features, in_features]`` in ``dtype`` (the reference)."""
+        blocks = [
+            dequantize(
+                getattr(self, s.name).reshape(-1),
+                s.ggml_type,
+                (s.stop - s.start, self.in_features),
+                dtype,
+            )
+            for s in self._segments
+        ]
+        return torch.cat(blocks)
+
+    def extra_repr(self) -> str:
+        types = "|".join(f"{s.ggml_type.name}[{s.stop - s.start}]" for s in self._segments)
+        return f"in_features={self.in_features}, out_features={self.out_features}, types={types}"
