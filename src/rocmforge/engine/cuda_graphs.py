@@ -105,7 +105,7 @@ class DecodeGraphs:
             return
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.cuda.device(self.device):
             for size in reversed(self.sizes):
                 metadata = self._metadata(size)
                 self._forward(size, metadata)  # compiles and autotunes the kernels outside the capture

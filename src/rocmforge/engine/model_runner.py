@@ -40,6 +40,7 @@ tokens raises the device's own torch out-of-memory error (so the translation abo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -225,6 +226,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        # Triton launches on the calling thread's current device (the engine thread's is
+        # cuda:0 unless set), so every step names the runner's device.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._execute_on_device(scheduled)
+
+    def _execute_on_device(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
         self._inject_faults(scheduled)
         result = RunnerOutput(sampled={})
         if self.decode_graphs is not None and self.decode_graphs.accepts(scheduled):
