@@ -96,6 +96,14 @@ def device_error(exc: BaseException, device: torch.device, what: str, needed_byt
     return DeviceError(f"{device} failed while {what}: {type(exc).__name__}: {exc}", device=str(device))
 
 
+def to_device(values: list | float, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` without waiting for the device: a plain
+    ``torch.tensor(..., device="cuda")`` copies synchronously, so the host would first wait
+    for every kernel already queued (a step's forward pass). Copied with ``non_blocking``
+    from pageable memory, which CUDA stages at once and orders on the stream."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def free_memory(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of a GPU's memory, as the driver reports them now."""
     return torch.cuda.mem_get_info(device)

@@ -15,24 +15,11 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from gguf_blocks import F16_FIELDS
 
 from rocmforge.errors import GGUFFormatError, GGUFUnsupportedError
 from rocmforge.gguf import dequant
 from rocmforge.gguf.dequant import SUPPORTED_TYPES, dequantize, row_bytes
-
-# Byte offsets of the fp16 fields (d, m, dmin) in each block, from ggml's block structs.
-_F16_FIELDS: dict[T, tuple[int, ...]] = {
-    T.Q8_0: (0,),
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-}
 
 # Plain float types: word, exponent mask, and an exponent bit that, cleared, makes an
 # all-ones exponent (inf/NaN) finite.
@@ -72,7 +59,7 @@ def _random_tensor_bytes(qtype: T, n_blocks: int, seed: int = 0) -> np.ndarray:
     if qtype in _FLOAT_FORMATS:
         return _finite_words(rng, qtype, n_blocks).view(np.uint8)
     blocks = rng.integers(0, 256, (n_blocks, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
-    for offset in _F16_FIELDS[qtype]:
+    for offset in F16_FIELDS[qtype]:
         halves = _finite_words(rng, T.F16, n_blocks)
         blocks[:, offset : offset + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(-1)

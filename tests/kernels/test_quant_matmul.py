@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
+from gguf_blocks import F16_FIELDS
 
 from rocmforge.gguf.dequant import dequantize
 from rocmforge.kernels.quant_matmul import (
@@ -32,18 +33,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TYPES = sorted(SUPPORTED_TYPES, key=lambda qtype: qtype.value)
 K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
 
-# Byte offsets of the fp16 fields (d, m, dmin) in each block, from ggml's block structs.
-_F16_FIELDS: dict[T, tuple[int, ...]] = {
-    T.Q8_0: (0,),
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-}
-
 # |kernel - float32 reference| <= TOLERANCE * (|x| @ |W|.T): summation order in float32;
 # for 16-bit activations the weight tile rounded to x.dtype plus the rounded output.
 TOLERANCE = {torch.float32: 2.0**-16, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
@@ -57,7 +46,7 @@ def _random_weight(
     block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
     blocks = k // block_elements
     raw = torch.randint(0, 256, (n, blocks, block_bytes), dtype=torch.uint8, generator=gen)
-    for offset in _F16_FIELDS[qtype]:
+    for offset in F16_FIELDS[qtype]:
         magnitude = torch.exp2(torch.empty(n, blocks).uniform_(-10, -7, generator=gen))
         sign = torch.randint(0, 2, (n, blocks), generator=gen) * 2 - 1
         halves = (magnitude * sign).to(torch.float16).view(torch.uint8)

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rocmforge.attention import AttentionMetadata
+from rocmforge.device import to_device
 from rocmforge.engine.cuda_graphs import DecodeGraphs
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -250,14 +251,14 @@ class ModelRunner:
             device=self.device,
         )
         hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            torch.tensor(positions, dtype=torch.int64, device=self.device),
+            to_device(input_ids, self.device, torch.int64),
+            to_device(positions, self.device, torch.int64),
             metadata,
         )
         ends = _query_ends(scheduled)
         samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if item.samples]
         if samplers:
-            rows = torch.tensor([row for _, row in samplers], device=self.device)
+            rows = to_device([row for _, row in samplers], self.device)
             self._sample([item for item, _ in samplers], self.model.compute_logits(hidden[rows]), result)
         self._prompt_logprobs(scheduled, ends, hidden, result)
         return result
@@ -313,7 +314,7 @@ class ModelRunner:
             first_row = end - item.num_tokens
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[first_row : first_row + count]), dim=-1)
             targets = request.prompt_token_ids[item.start_pos + 1 : item.start_pos + 1 + count]
-            chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None])[:, 0].tolist()
+            chosen = logprobs.gather(1, to_device(targets, self.device)[:, None])[:, 0].tolist()
             entries: list[TokenLogprobs] = []
             if top_n:
                 top_values, top_ids = (t.tolist() for t in logprobs.topk(top_n, dim=-1))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rocmforge.device import to_device
 from rocmforge.sampling_params import SamplingParams
 
 
@@ -52,15 +53,15 @@ class Sampler:
             rows = [i for i, ids in enumerate(batch.suppressed) for _ in ids]
             cols = [t for ids in batch.suppressed for t in ids]
             logits = logits.index_put(
-                (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                torch.tensor(float("-inf"), device=logits.device),
+                (to_device(rows, logits.device), to_device(cols, logits.device)),
+                torch.full((), float("-inf"), device=logits.device),
             )
 
         greedy_rows = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)
         if not all(greedy_rows):
             sampled = _sample(logits, params, batch.generators)
-            is_greedy = torch.tensor(greedy_rows, device=logits.device)
+            is_greedy = to_device(greedy_rows, logits.device)
             tokens = torch.where(is_greedy, tokens, sampled)
 
         num_top = max((p.logprobs or 0) for p in params)
@@ -89,19 +90,18 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if needs_rep:
         seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
         for i, (prompt, output) in enumerate(zip(batch.prompt_ids, batch.output_ids)):
-            ids = torch.tensor(prompt + output, dtype=torch.int64, device=device)
-            seen[i, ids] = True
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            seen[i, to_device(prompt + output, device, torch.int64)] = True
+        penalty = to_device([p.repetition_penalty for p in params], device)[:, None]
         penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalized, logits)
     if needs_additive:
         counts = torch.zeros(rows, vocab, dtype=logits.dtype, device=device)
         for i, output in enumerate(batch.output_ids):
             if output:
-                ids = torch.tensor(output, dtype=torch.int64, device=device)
+                ids = to_device(output, device, torch.int64)
                 counts[i].index_add_(0, ids, torch.ones(len(output), dtype=logits.dtype, device=device))
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = to_device([p.frequency_penalty for p in params], device)[:, None]
+        presence = to_device([p.presence_penalty for p in params], device)[:, None]
         logits = logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
     return logits
 
@@ -112,7 +112,7 @@ def _sample(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     device = logits.device
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    temperature = to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], device)
     logits = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
         logits = _filter(logits, params)
@@ -128,16 +128,16 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=device)[None, :]
 
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)[:, None]
+    top_k = to_device([p.top_k if p.top_k > 0 else vocab for p in params], device)[:, None]
     remove = rank >= top_k
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
 
     probs = torch.softmax(sorted_logits, dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    top_p = to_device([p.top_p for p in params], device)[:, None]
     mass_before = probs.cumsum(dim=-1) - probs
     remove |= mass_before >= top_p
 
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
+    min_p = to_device([p.min_p for p in params], device)[:, None]
     remove |= probs < min_p * probs[:, :1]
 
     remove[:, 0] = False
