@@ -20,7 +20,8 @@ every number as JSON in ``--json PATH``:
 
 Definitions. Bytes per decode token = the weights as the engine holds them (rocmforge and
 HF: every parameter and buffer of the model, tied tensors once; llama.cpp: the file's
-tensors) + the K and V read by attention at the mean context of the decode (prompt + tg/2
+tensors), less the embedding table unless the output head reads it (a step reads one row
+of it), + the K and V read by attention at the mean context of the decode (prompt + tg/2
 tokens, in the engine's KV dtype; llama.cpp's is fp16). Copy bandwidth = 2 x bytes / time of
 a large device-to-device copy. Roofline = bandwidth / bytes per token; "% roofline" = decode
 tokens/s over it. One engine is on the device at a time; memory is freed between rows.
@@ -63,6 +64,7 @@ from gguf import GGMLQuantizationType
 from throughput import LevelResult, measure_levels, pct, print_table
 
 from rocmforge import LLM, SamplingParams
+from rocmforge.engine.memory import module_bytes
 from rocmforge.gguf import read_gguf
 from rocmforge.synthetic import (
     LLAMA_3_1_8B,
@@ -199,11 +201,15 @@ def copy_bandwidth(device: torch.device, nbytes: int, copies: int = 10, runs: in
     return 2 * nbytes * copies / best
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``module``, each storage once (tied weights)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in itertools.chain(module.parameters(), module.buffers())}
-    return sum(storages.values())
+def decode_weight_bytes(model: torch.nn.Module, embedding: torch.Tensor, head: torch.nn.Module) -> int:
+    """Weight bytes one decode step reads: every parameter and buffer once (tied weights
+    once), except the embedding table, of which a step reads one row — unless the output
+    head reads it whole (tied and dense)."""
+    total = module_bytes(model)
+    head_storages = {t.untyped_storage().data_ptr() for t in itertools.chain(head.parameters(), head.buffers())}
+    if embedding.untyped_storage().data_ptr() not in head_storages:
+        total -= embedding.untyped_storage().nbytes()
+    return total
 
 
 def kv_bytes_read(num_layers: int, num_kv_heads: int, head_dim: int, element_size: int, context: float) -> int:
@@ -235,7 +241,8 @@ def bench_rocmforge(path: Path, setup: Setup, weight_format: str) -> Speed:
         tg_speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     config = llm.config
     element = torch.empty((), dtype=llm.dtype).element_size()
-    nbytes = module_bytes(llm.engine.runner.model) + kv_bytes_read(
+    model = llm.engine.runner.model
+    nbytes = decode_weight_bytes(model, model.embed_tokens.weight, model.lm_head) + kv_bytes_read(
         config.num_layers, config.num_kv_heads, config.head_dim, element, mean_decode_context(setup.tg))
     return Speed(max(tg_speeds), nbytes, setup.bandwidth / nbytes, pp_tokens_per_s=setup.pp / min(pp_times))
 
@@ -271,6 +278,8 @@ def bench_llama_cpp(path: Path, spec: SyntheticSpec, setup: Setup) -> Speed:
         tg_speed = max(decode() for _ in range(setup.runs))
         with read_gguf(path) as gguf:
             weights = sum(info.nbytes for info in gguf.tensors.values())
+            if "output.weight" in gguf.tensors:  # untied: decode reads one row of token_embd
+                weights -= gguf.tensors["token_embd.weight"].nbytes
         nbytes = weights + kv_bytes_read(spec.num_layers, spec.num_kv_heads, spec.head_dim, 2,
                                          mean_decode_context(setup.tg))
         return Speed(tg_speed, nbytes, setup.bandwidth / nbytes, pp_tokens_per_s=setup.pp / pp_time)
@@ -310,7 +319,7 @@ def bench_hf(spec: SyntheticSpec, setup: Setup) -> Speed:
     first = min(generate(1) for _ in range(setup.runs))
     full = min(generate(setup.tg) for _ in range(setup.runs))
     element = torch.empty((), dtype=setup.dtype).element_size()
-    nbytes = module_bytes(model) + kv_bytes_read(
+    nbytes = decode_weight_bytes(model, model.model.embed_tokens.weight, model.lm_head) + kv_bytes_read(
         spec.num_layers, spec.num_kv_heads, spec.head_dim, element, mean_decode_context(setup.tg))
     return Speed((setup.tg - 1) / (full - first), nbytes, setup.bandwidth / nbytes)
 

@@ -139,3 +139,30 @@ def test_steps_the_static_path_does_not_take(tiny_model: TinyModel) -> None:
     assert not graphs.accepts(decode.scheduled)
     assert graphs.accepts([item for item in decode.scheduled if item.request.request_id == "plain"])
     assert not graphs.accepts([])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_warm_up_touches_only_the_scratch_block(tiny_model: TinyModel, backend: str) -> None:
+    runner = make_engine(tiny_model, backend=backend, static_decode=True).runner
+    logits = runner.warm_up()
+    assert logits.shape == (BLOCK_SIZE, tiny_model.spec.vocab_size) and torch.isfinite(logits).all()
+    for k_cache, v_cache in runner.kv_caches:
+        assert not k_cache[:NUM_BLOCKS].any() and not v_cache[:NUM_BLOCKS].any()
+        assert k_cache[NUM_BLOCKS].any()
+
+
+def test_a_failed_capture_leaves_decode_eager(tiny_model: TinyModel, caplog: pytest.LogCaptureFixture) -> None:
+    engine = make_engine(tiny_model, backend="torch", static_decode=True)
+
+    def fail() -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine.runner.decode_graphs.capture = fail  # type: ignore[method-assign]
+    engine.runner.capture_decode_graphs()
+    assert engine.runner.decode_graphs is None
+    assert "decode steps run eagerly" in caplog.text
+    engine.add_request("after", PROMPTS[0], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        tokens += [t for output in engine.step() for t in output.new_token_ids]
+    assert len(tokens) == 3

@@ -131,7 +131,9 @@ class DecodeGraphs:
         return self._forward(size, self._metadata(size))[:n]
 
     def _stage(self, scheduled: list[ScheduledRequest], size: int) -> None:
-        """Copy the step's integers into the static buffers (one host->device copy)."""
+        """Copy the step's integers into the static buffers (one host->device copy). The
+        pinned staging buffer is reused: the previous step's copy is complete, since the
+        runner synchronises once per step (reading the sampled tokens) before this runs."""
         staging = self._staging[:size]
         host = staging.numpy()
         host[:] = 0

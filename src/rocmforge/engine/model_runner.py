@@ -127,10 +127,33 @@ class ModelRunner:
             kv_dtype,
         )
 
+    @torch.inference_mode()
+    def warm_up(self) -> torch.Tensor:
+        """Run one prefill of ``block_size`` dummy tokens through the model and its head, in
+        the scratch block (no request's KV is touched). On a GPU this compiles the Triton
+        kernels at start-up and turns a kernel that cannot run on this device into an error
+        at load time rather than in the first request. Returns the logits."""
+        size = self.block_size
+        scratch = self.num_blocks
+        metadata = AttentionMetadata.build([size], [size], [[scratch]], size, self.device)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            hidden = self.model(torch.zeros(size, dtype=torch.int64, device=self.device),
+                                torch.arange(size, device=self.device), metadata)
+            return self.model.compute_logits(hidden)
+
     def capture_decode_graphs(self) -> None:
-        """Capture the static decode step's CUDA graphs (a GPU with ``static_decode``)."""
-        if self.decode_graphs is not None:
+        """Capture the static decode step's CUDA graphs (a GPU with ``static_decode``). If
+        capture fails, decode steps run eagerly (logged): slower, not wrong."""
+        if self.decode_graphs is None:
+            return
+        try:
             self.decode_graphs.capture()
+        except (RuntimeError, AssertionError) as exc:  # torch / Triton capture errors
+            if _is_out_of_memory(exc):
+                self.free_cached_memory()
+            logger.warning("capturing the decode CUDA graphs failed (%s: %s): decode steps run eagerly",
+                           type(exc).__name__, exc)
+            self.decode_graphs = None
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's per-request state (its random generator)."""

@@ -137,10 +137,12 @@ def _place(
         if device.type != "cuda":
             raise
         raise device_error(exc, device, "allocating the KV cache", plan.kv_bytes) from exc
-    try:
+    if device.type == "cuda":
+        try:
+            runner.warm_up()
+        except (RuntimeError, AssertionError) as exc:  # e.g. a Triton kernel that cannot compile here
+            raise device_error(exc, device, "running a warm-up step") from exc
         runner.capture_decode_graphs()
-    except (RuntimeError, AssertionError) as exc:
-        raise device_error(exc, device, "capturing the decode CUDA graphs") from exc
     return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
 
 

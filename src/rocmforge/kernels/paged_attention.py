@@ -111,7 +111,9 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=_pow2_at_least(group, 16), HEAD_DIM=head_dim, BLOCK_D=block_d,
         CACHE_BLOCK=block_size, BLOCK_N=block_n, PARTITION=partition_size, SINGLE_PARTITION=single,
         **_dot_config(q.dtype),
-        num_warps=4,
+        # fp32's IEEE dot runs on FMAs, not tensor cores: with 4 warps it spills at head_dim
+        # 128 on sm_90 (255 registers + 408 bytes of stack); 8 warps need 54 registers.
+        num_warps=8 if q.dtype == torch.float32 and block_d >= 128 else 4,
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](

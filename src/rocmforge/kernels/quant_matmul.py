@@ -8,25 +8,13 @@ a column slice of a wider output). The caller owns all three tensors; nothing he
 state besides Triton's compiled-kernel cache and each GPU's multiprocessor count.
 
 Every weight byte is read from DRAM once per M tile (once per matmul for decode-sized M;
-the M tiles of a prefill share one weight strip through L2) and decoded in registers: the two bytes of each fp16 scale are assembled as
-``(hi << 8) | lo`` and bitcast, codes are unpacked with shifts and masks, and the decoded
-fp32 tile meets the activations without ever reaching memory.
+the M tiles of a prefill share one weight strip through L2) and decoded in registers by
+the type's helper in :mod:`rocmforge.kernels.gguf_decode`; the decoded fp32 tile meets
+the activations without ever reaching memory. Supported: :data:`SUPPORTED_TYPES` (Q8_0,
+Q4_0, Q4_1, Q5_0, Q5_1 with K a multiple of 32; Q4_K, Q5_K, Q6_K with K a multiple of 256).
 
-Supported types (block layouts byte by byte in :mod:`rocmforge.gguf.dequant`)::
-
-    type   block elems  block bytes  bits/weight   rows need K % ...
-    Q8_0        32           34         8.5            32
-    Q4_0        32           18         4.5            32
-    Q4_1        32           20         5.0            32
-    Q5_0        32           22         5.5            32
-    Q5_1        32           24         6.0            32
-    Q4_K       256          144         4.5           256
-    Q5_K       256          176         5.5           256
-    Q6_K       256          210         6.5625        256
-
-One ``@triton.jit`` decode helper per type maps (row pointers, first column ``k0``) to the
-fp32 tile ``W[n, k0 : k0 + BLOCK_K]``, ``[BLOCK_N, BLOCK_K]``; both kernels take it as a
-constexpr argument, so each (kernel, type) pair compiles to its own specialised code:
+Both kernels take the decode helper as the constexpr ``DECODE`` (a tile
+``W[n, k0 : k0 + BLOCK_K]`` per call), so each (kernel, type) pair compiles on its own:
 
 * ``_gemv_kernel`` (decode, ``M <= GEMV_MAX_M = 4``): a program owns a strip of
   ``BLOCK_N`` output rows and ``BLOCK_M`` activation rows, walks its share of K, multiplies
@@ -41,25 +29,13 @@ constexpr argument, so each (kernel, type) pair compiles to its own specialised 
   so its bytes come from L2 after the first read.
 
 Split-K: when the output tiles alone would leave most of the GPU's multiprocessors idle
-(small N, few rows; see ``_auto_split_k``), K is cut into ``split_k`` ranges of whole K tiles; each writes fp32 partial
-sums into a ``[split_k, M, N]`` workspace that one torch reduction sums into ``out``
-(deterministic, unlike fp32 atomics). Nothing here synchronises with the host.
+(small N, few rows; see ``_auto_split_k``), K is cut into ``split_k`` ranges of whole K
+tiles; each writes fp32 partial sums into a ``[split_k, M, N]`` workspace that one torch
+reduction sums into ``out`` (deterministic, unlike fp32 atomics). Nothing here
+synchronises with the host. Rows past ``M`` or ``N`` load as zeros and are never stored.
 
-Indexing inside a decode helper, for a tile starting at column ``k0`` (a multiple of
-``BLOCK_K``, itself a multiple of the sub-block width ``G``: 32, or 16 for Q6_K)::
-
-    row n:  | block 0 | block 1 | ... |            row_ptr[n] = w + n * stride_wn
-    tile:   columns k0 .. k0 + BLOCK_K - 1  =  sub-blocks  sub = k0 / G + 0 .. BLOCK_K / G - 1
-    sub-block ``sub`` lies in block ``sub // (block elems / G)`` at byte ``block * block_bytes``;
-    the helper builds ``[BLOCK_N, BLOCK_K / G]`` tiles of scales and a
-    ``[BLOCK_N, BLOCK_K / G, G]`` tile of codes, then reshapes to ``[BLOCK_N, BLOCK_K]``.
-
-Sub-blocks at or past ``K`` (a ragged last tile) and rows at or past ``N`` load as zero
-bytes (scale 0, so the value is 0) and are never stored.
-
-The reference is :func:`reference_quant_matmul` (dequantize with
-:func:`rocmforge.gguf.dequant.dequantize`, then a float32 matmul);
-``tests/kernels/test_quant_matmul.py`` compares the two.
+The reference is :func:`reference_quant_matmul` (:func:`rocmforge.gguf.dequant.dequantize`,
+then a float32 matmul); ``tests/kernels/test_quant_matmul.py`` compares the two.
 """
 
 from __future__ import annotations
@@ -75,6 +51,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from rocmforge.gguf.dequant import dequantize
 from rocmforge.kernels import interpreter_active, kernels_usable
+from rocmforge.kernels.gguf_decode import DECODERS, MIN_BLOCK_K
 
 __all__ = [
     "GEMV_MAX_M",
@@ -85,193 +62,42 @@ __all__ = [
     "reference_quant_matmul",
 ]
 
-_T = GGMLQuantizationType
-
-
-# --- field helpers --------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_f16(ptr, mask):
-    """The little-endian fp16 at ``ptr`` (bytes ``ptr``, ``ptr + 1``) as fp32."""
-    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
-    return ((hi << 8) | lo).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-# --- decode helpers, one per type -----------------------------------------------------------
-# Shared signature: (row_ptr [BLOCK_N] uint8 pointers to each row's first byte, k0 the tile's
-# first column, n_mask [BLOCK_N] rows in range, K the row length, BLOCK_N, BLOCK_K) ->
-# fp32 [BLOCK_N, BLOCK_K]. Arithmetic follows dequant.py step for step.
-
-
-@triton.jit
-def _block32_tile(row_ptr, k0, n_mask, K, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Common indexing of the 32-element block types: per-block pointers ``[BN, NB]``, the
-    validity mask of each (row, block), and the column in the block ``j`` ``[32]``."""
-    blocks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    valid = n_mask[:, None] & (blocks < K // 32)[None, :]
-    blk = row_ptr[:, None] + (blocks * BLOCK_BYTES)[None, :]
-    return blk, valid, tl.arange(0, 32)
-
-
-@triton.jit
-def _nibble(blk, valid, qs: tl.constexpr, j):
-    """4-bit code of element ``j`` of 32: byte ``qs + j % 16``, high nibble for ``j >= 16``."""
-    ptr = blk[:, :, None] + (qs + j % 16)[None, None, :]
-    byte = tl.load(ptr, mask=valid[:, :, None], other=0).to(tl.int32)
-    return (byte >> ((j // 16) * 4)[None, None, :]) & 0x0F
-
-
-@triton.jit
-def _bit4(blk, valid, qh: tl.constexpr, j):
-    """Bit ``j`` of the little-endian uint32 at byte ``qh``, as value 16 (bit 4 of the code)."""
-    ptr = blk[:, :, None] + (qh + j // 8)[None, None, :]
-    byte = tl.load(ptr, mask=valid[:, :, None], other=0).to(tl.int32)
-    return ((byte >> (j % 8)[None, None, :]) & 0x01) << 4
-
-
-@triton.jit
-def _decode_q8_0(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, j = _block32_tile(row_ptr, k0, n_mask, K, 34, BLOCK_K)
-    d = _load_f16(blk, valid)
-    byte = tl.load(blk[:, :, None] + (2 + j)[None, None, :], mask=valid[:, :, None], other=0)
-    q = byte.to(tl.int8, bitcast=True).to(tl.float32)
-    return tl.reshape(q * d[:, :, None], (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q4_0(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, j = _block32_tile(row_ptr, k0, n_mask, K, 18, BLOCK_K)
-    d = _load_f16(blk, valid)
-    q = _nibble(blk, valid, 2, j) - 8
-    return tl.reshape(d[:, :, None] * q.to(tl.float32), (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q4_1(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, j = _block32_tile(row_ptr, k0, n_mask, K, 20, BLOCK_K)
-    d = _load_f16(blk, valid)
-    m = _load_f16(blk + 2, valid)
-    q = _nibble(blk, valid, 4, j)
-    return tl.reshape(d[:, :, None] * q.to(tl.float32) + m[:, :, None], (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q5_0(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, j = _block32_tile(row_ptr, k0, n_mask, K, 22, BLOCK_K)
-    d = _load_f16(blk, valid)
-    q = (_nibble(blk, valid, 6, j) | _bit4(blk, valid, 2, j)) - 16
-    return tl.reshape(d[:, :, None] * q.to(tl.float32), (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q5_1(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, j = _block32_tile(row_ptr, k0, n_mask, K, 24, BLOCK_K)
-    d = _load_f16(blk, valid)
-    m = _load_f16(blk + 2, valid)
-    q = _nibble(blk, valid, 8, j) | _bit4(blk, valid, 4, j)
-    return tl.reshape(d[:, :, None] * q.to(tl.float32) + m[:, :, None], (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _k_quant_tile(row_ptr, k0, n_mask, K, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Q4_K/Q5_K indexing by 32-element sub-blocks: per-sub-block pointers to their
-    super-block ``[BN, NS]``, validity, sub-block-in-super-block ``s`` ``[NS]`` (0..7)."""
-    subs = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    valid = n_mask[:, None] & (subs < K // 32)[None, :]
-    blk = row_ptr[:, None] + ((subs // 8) * BLOCK_BYTES)[None, :]
-    return blk, valid, subs % 8
-
-
-@triton.jit
-def _k_scale_offset(blk, valid, s):
-    """``d * scale`` and ``dmin * min`` of sub-block ``s`` from bytes 0..15 of a Q4_K/Q5_K
-    super-block (12-byte scale field at byte 4; see dequant.py for its bit layout)."""
-    d = _load_f16(blk, valid)
-    dmin = _load_f16(blk + 2, valid)
-    i = (s % 4)[None, :]
-    lo_sc = tl.load(blk + 4 + i, mask=valid, other=0).to(tl.int32)
-    lo_m = tl.load(blk + 8 + i, mask=valid, other=0).to(tl.int32)
-    hi = tl.load(blk + 12 + i, mask=valid, other=0).to(tl.int32)
-    upper = (s >= 4)[None, :]
-    sc = tl.where(upper, (hi & 0x0F) | ((lo_sc >> 2) & 0x30), lo_sc & 0x3F)
-    mn = tl.where(upper, (hi >> 4) | ((lo_m >> 2) & 0x30), lo_m & 0x3F)
-    return d * sc.to(tl.float32), dmin * mn.to(tl.float32)
-
-
-@triton.jit
-def _k_nibble(blk, valid, s, qs: tl.constexpr):
-    """Low 4 bits of element ``32 s + j``: nibble ``s % 2`` of byte ``qs + 32 (s // 2) + j``."""
-    offs = (qs + 32 * (s // 2))[:, None] + tl.arange(0, 32)[None, :]
-    byte = tl.load(blk[:, :, None] + offs[None, :, :], mask=valid[:, :, None], other=0)
-    return (byte.to(tl.int32) >> (4 * (s % 2))[None, :, None]) & 0x0F
-
-
-@triton.jit
-def _decode_q4_k(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, s = _k_quant_tile(row_ptr, k0, n_mask, K, 144, BLOCK_K)
-    scale, offset = _k_scale_offset(blk, valid, s)
-    q = _k_nibble(blk, valid, s, 16).to(tl.float32)
-    return tl.reshape(scale[:, :, None] * q - offset[:, :, None], (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q5_k(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    blk, valid, s = _k_quant_tile(row_ptr, k0, n_mask, K, 176, BLOCK_K)
-    scale, offset = _k_scale_offset(blk, valid, s)
-    # Bit 4 of element 32 s + j is bit s of qh byte j (qh at byte 16).
-    ptr = blk[:, :, None] + (16 + tl.arange(0, 32))[None, None, :]
-    qh = tl.load(ptr, mask=valid[:, :, None], other=0).to(tl.int32)
-    q = _k_nibble(blk, valid, s, 48) | (((qh >> s[None, :, None]) & 0x01) << 4)
-    w = scale[:, :, None] * q.to(tl.float32) - offset[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
-
-
-@triton.jit
-def _decode_q6_k(row_ptr, k0, n_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # 16-element sub-blocks t (one int8 scale each); element i = 16 t + j of the super-block
-    # sits in half c = i // 128 at r = i % 128:
-    #   low 4 bits  = nibble r // 64 of ql byte 64 c + r % 64          (ql at byte 0)
-    #   high 2 bits = bits 2 (r // 32) .. +1 of qh byte 32 c + r % 32   (qh at byte 128)
-    subs = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-    valid = n_mask[:, None] & (subs < K // 16)[None, :]
-    blk = row_ptr[:, None] + ((subs // 16) * 210)[None, :]
-    t = subs % 16
-    sc = tl.load(blk + 192 + t[None, :], mask=valid, other=0).to(tl.int8, bitcast=True)
-    scale = _load_f16(blk + 208, valid) * sc.to(tl.float32)
-    i = (16 * t)[:, None] + tl.arange(0, 16)[None, :]
-    c = i // 128
-    r = i % 128
-    mask = valid[:, :, None]
-    ql = tl.load(blk[:, :, None] + (64 * c + r % 64)[None, :, :], mask=mask, other=0)
-    qh = tl.load(blk[:, :, None] + (128 + 32 * c + r % 32)[None, :, :], mask=mask, other=0)
-    low = (ql.to(tl.int32) >> (4 * (r // 64))[None, :, :]) & 0x0F
-    high = (qh.to(tl.int32) >> (2 * (r // 32))[None, :, :]) & 0x03
-    q = (low | (high << 4)) - 32
-    return tl.reshape(scale[:, :, None] * q.to(tl.float32), (BLOCK_N, BLOCK_K))
-
-
-_DECODERS = {
-    _T.Q8_0: _decode_q8_0,
-    _T.Q4_0: _decode_q4_0,
-    _T.Q4_1: _decode_q4_1,
-    _T.Q5_0: _decode_q5_0,
-    _T.Q5_1: _decode_q5_1,
-    _T.Q4_K: _decode_q4_k,
-    _T.Q5_K: _decode_q5_k,
-    _T.Q6_K: _decode_q6_k,
-}
-
-SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_DECODERS)
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(DECODERS)
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Columns per K tile must be a multiple of the widest sub-block (32) and a power of two.
-_MIN_BLOCK_K = 32
+
+# --- kernels (they differ in grid order and tile product; the rest is shared helpers) -------
 
 
-# --- kernels --------------------------------------------------------------------------------
+@triton.jit
+def _strip(base_ptr, pid, size, stride, BLOCK: tl.constexpr):
+    """Rows ``pid * BLOCK ..`` of a matrix: indices ``[BLOCK]``, which are ``< size``, and
+    a pointer to each row's first element (int64: ``row * stride`` can pass 2**31)."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < size, base_ptr + offs.to(tl.int64) * stride
+
+
+@triton.jit
+def _k_tiles(pid_s, tiles_per_split, K, BLOCK_K: tl.constexpr):
+    """The K tiles ``first .. last - 1`` that split ``pid_s`` sums over."""
+    first = pid_s * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
+
+
+@triton.jit
+def _load_x(x_rows, m_mask, k0, K, stride_xk, BLOCK_K: tl.constexpr):
+    """``x[m, k0 : k0 + BLOCK_K]`` of the strip's rows in x's dtype, zero past M and K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = m_mask[:, None] & (offs_k < K)[None, :]
+    return tl.load(x_rows[:, None] + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store(out_ptr, acc, offs_m, m_mask, offs_n, n_mask, stride_om, stride_on):
+    """``out[m, n] = acc`` rounded to out's dtype, for the rows and columns in range."""
+    ptr = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -287,33 +113,18 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    row_ptr = w_ptr + offs_n.to(tl.int64) * stride_wn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    offs_n, n_mask, row_ptr = _strip(w_ptr, pid_n, N, stride_wn, BLOCK_N)
+    offs_m, m_mask, x_rows = _strip(x_ptr, pid_m, M, stride_xm, BLOCK_M)
+    first, last = _k_tiles(pid_s, tiles_per_split, K, BLOCK_K)
 
-    first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(first, last):
         k0 = tile * BLOCK_K
         w = DECODE(row_ptr, k0, n_mask, K, BLOCK_N, BLOCK_K)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_rows + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        x = _load_x(x_rows, m_mask, k0, K, stride_xk, BLOCK_K).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
 
-    out = out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
-    tl.store(
-        out + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+    _store(out_ptr + pid_s * stride_os, acc, offs_m, m_mask, offs_n, n_mask, stride_om, stride_on)
 
 
 @triton.jit
@@ -329,24 +140,14 @@ def _tiled_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    row_ptr = w_ptr + offs_n.to(tl.int64) * stride_wn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    offs_m, m_mask, x_rows = _strip(x_ptr, pid_m, M, stride_xm, BLOCK_M)
+    offs_n, n_mask, row_ptr = _strip(w_ptr, pid_n, N, stride_wn, BLOCK_N)
+    first, last = _k_tiles(pid_s, tiles_per_split, K, BLOCK_K)
 
-    first = pid_s * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(first, last):
         k0 = tile * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_rows + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        )
+        x = _load_x(x_rows, m_mask, k0, K, stride_xk, BLOCK_K)
         w = DECODE(row_ptr, k0, n_mask, K, BLOCK_N, BLOCK_K).to(x.dtype)
         if DOT_IN_FP32:
             # Triton's interpreter multiplies bf16 operands as raw uint16 words; the fp32
@@ -355,12 +156,7 @@ def _tiled_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
 
-    out = out_ptr + pid_s * stride_os + offs_m.to(tl.int64)[:, None] * stride_om
-    tl.store(
-        out + offs_n[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_mask[:, None] & n_mask[None, :],
-    )
+    _store(out_ptr + pid_s * stride_os, acc, offs_m, m_mask, offs_n, n_mask, stride_om, stride_on)
 
 
 # --- launch configuration -------------------------------------------------------------------
@@ -508,7 +304,7 @@ def quant_matmul(
     gemv = isinstance(config, GemvConfig)
     _check_block("block_m", config.block_m, 1 if gemv else 16)
     _check_block("block_n", config.block_n, 1 if gemv else 16)
-    _check_block("block_k", config.block_k, _MIN_BLOCK_K)
+    _check_block("block_k", config.block_k, MIN_BLOCK_K)
 
     m_tiles = triton.cdiv(m, config.block_m)
     n_tiles = triton.cdiv(n, config.block_n)
@@ -531,7 +327,7 @@ def quant_matmul(
         x, weight, target,
         m, n, k, tiles_per_split,
         x.stride(0), x.stride(1), weight.stride(0), stride_os, stride_om, stride_on,
-        _DECODERS[qtype],
+        DECODERS[qtype],
         config.block_m, config.block_n, config.block_k,
     )  # fmt: skip
     if gemv:
