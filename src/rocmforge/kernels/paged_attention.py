@@ -114,14 +114,15 @@ def paged_decode_attention(
         # fp32's IEEE dot runs on FMAs, not tensor cores: with 4 warps it spills at head_dim
         # 128 on sm_90 (255 registers + 408 bytes of stack); 8 warps need 54 registers.
         num_warps=8 if q.dtype == torch.float32 and block_d >= 128 else 4,
+        enable_fp_fusion=True,  # FMAs wanted; explicit, as Triton 3.10 turns the default off
     )
     if not single:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             ws_acc, ws_max, ws_sum, seq_lens, out,
-            out.stride(0), out.stride(1),
-            NUM_PARTITIONS=num_partitions, PARTITION=partition_size,
+            out.stride(0), out.stride(1), num_partitions,
+            PARTITION=partition_size,
             BLOCK_P=min(_pow2_at_least(num_partitions, 1), 32), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            num_warps=4,
+            num_warps=4, enable_fp_fusion=True,
         )
     return out
 
@@ -183,6 +184,7 @@ def paged_prefill_attention(
         BLOCK_D=block_d, CACHE_BLOCK=block_size,
         BLOCK_N=_tile_rows(block_d, q.element_size()), **_dot_config(q.dtype),
         num_warps=8 if block_m * block_d >= 64 * 128 else 4,  # 4 warps spill at 64 x 128 on sm_90
+        enable_fp_fusion=True,
     )
     return out
 
@@ -382,15 +384,15 @@ def _decode_partition_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     ws_acc_ptr, ws_max_ptr, ws_sum_ptr, seq_lens_ptr, out_ptr,
-    stride_os, stride_oh,
-    NUM_PARTITIONS: tl.constexpr, PARTITION: tl.constexpr, BLOCK_P: tl.constexpr,
+    stride_os, stride_oh, num_partitions,
+    PARTITION: tl.constexpr, BLOCK_P: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    live_parts = tl.minimum((seq_len + PARTITION - 1) // PARTITION, NUM_PARTITIONS)
-    base = (seq * tl.num_programs(1) + head).to(tl.int64) * NUM_PARTITIONS
+    live_parts = tl.minimum((seq_len + PARTITION - 1) // PARTITION, num_partitions)
+    base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
     parts = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM

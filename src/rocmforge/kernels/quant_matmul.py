@@ -331,13 +331,13 @@ def quant_matmul(
         config.block_m, config.block_n, config.block_k,
     )  # fmt: skip
     if gemv:
-        _gemv_kernel[(n_tiles, split_k, m_tiles)](*args, num_warps=config.num_warps)
+        _gemv_kernel[(n_tiles, split_k, m_tiles)](*args, num_warps=config.num_warps, enable_fp_fusion=True)
     else:
         _tiled_kernel[(m_tiles, n_tiles, split_k)](
             *args,
             "ieee" if x.dtype == torch.float32 else None,  # None: the backend's default
             x.dtype == torch.bfloat16 and interpreter_active(),
-            num_warps=config.num_warps,
+            num_warps=config.num_warps, enable_fp_fusion=True,  # explicit: Triton 3.10 turns the default off
             num_stages=config.num_stages,
         )
     if split_k > 1:
