@@ -142,6 +142,9 @@ def test_gpu_init_failure_under_auto_falls_back_to_the_cpu(faulty_server: Server
     assert "simulated GPU initialisation failure" in device["fallback_reason"]
     memory = health.json()["memory"]
     assert memory["kind"] == "process_rss" and 0 < memory["used_bytes"] < memory["total_bytes"], memory
+    plan = memory["plan"]
+    assert plan["kv_blocks"] > 0 and plan["weights_bytes"] > 0 and plan["workspace_bytes"] > 0, plan
+    assert plan["kv_cache_bytes"] % (plan["kv_blocks"] + 1) == 0 and plan["reserve_bytes"] == 0, plan
     log = faulty_server.log()
     assert "falling back to the CPU" in log and "simulated GPU initialisation failure" in log, log
     assert "device cpu (GPU fallback:" in log, log

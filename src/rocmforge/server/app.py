@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from rocmforge import __version__
 from rocmforge.device import memory_usage
+from rocmforge.engine.memory import MemoryPlan
 from rocmforge.server import native, openai_api
 from rocmforge.server.errors import install_error_handlers
 from rocmforge.server.metrics import HttpMetrics, HttpMetricsMiddleware, make_registry, render
@@ -77,7 +78,8 @@ def create_app(state: ServerState) -> FastAPI:
                 "fallback": state.device_fallback is not None,
                 "fallback_reason": state.device_fallback,
             },
-            "memory": {"kind": memory.kind, "used_bytes": memory.used_bytes, "total_bytes": memory.total_bytes},
+            "memory": {"kind": memory.kind, "used_bytes": memory.used_bytes, "total_bytes": memory.total_bytes,
+                       "plan": _plan_json(state.memory_plan)},
             "draining": state.draining,
             "uptime_s": round(time.time() - state.started_at, 3),
             "checks": {
@@ -148,3 +150,11 @@ async def _warm_up(state: ServerState) -> None:
     ids = state.tokenizer.encode("Hello", add_special=True) or [0]
     stream = await state.engine.submit(ids, SamplingParams(max_tokens=2, temperature=0.0), request_id="warmup")
     await stream.result()
+
+
+def _plan_json(plan: MemoryPlan | None) -> dict[str, int] | None:
+    """The start-up memory plan as ``/health`` shows it."""
+    if plan is None:
+        return None
+    return {"weights_bytes": plan.weight_bytes, "workspace_bytes": plan.workspace_bytes,
+            "kv_cache_bytes": plan.kv_bytes, "kv_blocks": plan.num_blocks, "reserve_bytes": plan.reserve_bytes}

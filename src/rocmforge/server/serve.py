@@ -74,6 +74,7 @@ def build_state(settings: Settings, progress: ProgressCallback | None = None) ->
         model_path=str(llm.path),
         device=str(llm.device),
         device_fallback=llm.device_fallback,
+        memory_plan=llm.memory_plan,
         tracing=tracing_from_settings(settings),
     )
 

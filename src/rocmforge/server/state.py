@@ -15,6 +15,7 @@ from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from rocmforge.engine.memory import MemoryPlan
     from rocmforge.server.tracing import Tracing
 
 
@@ -45,6 +46,8 @@ class ServerState:
     """Where the model runs: ``cpu`` or ``cuda:N``."""
     device_fallback: str | None = None
     """Why the model runs on the CPU although ``auto`` wanted the GPU; None if it did not fall back."""
+    memory_plan: MemoryPlan | None = None
+    """How the device's memory was divided at start-up (``/health`` shows it)."""
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     """A warm-up request has run: the server answers real requests at full speed."""
