@@ -145,6 +145,15 @@ def _quant_cases() -> list[Case]:
     ]  # fmt: skip
 
 
+def _dequant_cases() -> list[Case]:
+    """GGUFLinear's prefill path: the weight dequantized to bf16 for a BLAS GEMM."""
+    return [
+        Case(f"dequantize {qtype} gate_up {LLAMA_3_1_8B.name} bfloat16", "dequantize", LLAMA_3_1_8B, "bfloat16",
+             {"qtype": qtype})
+        for qtype in QUANT_TYPES
+    ]
+
+
 def _fused_cases() -> list[Case]:
     cases = []
     for model in (LLAMA_3_1_8B, SMOLLM2_135M):
@@ -159,7 +168,7 @@ def _fused_cases() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = (*_attention_cases(), *_quant_cases(), *_fused_cases())
+CASES: tuple[Case, ...] = (*_attention_cases(), *_quant_cases(), *_dequant_cases(), *_fused_cases())
 
 
 # --- launching the wrappers on CPU tensors ---------------------------------------------------
@@ -219,6 +228,19 @@ def _launch_quant_matmul(case: Case) -> None:
     quant_matmul(x, weight, qtype)
 
 
+def _launch_dequantize(case: Case) -> None:
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from rocmforge.kernels.gguf_dequant import dequantize_weight
+
+    m = case.model
+    qtype = GGMLQuantizationType[str(case.params["qtype"])]
+    block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
+    weight = torch.empty(2 * m.intermediate, m.hidden // block_elements * block_bytes, dtype=torch.uint8)
+    dequantize_weight(weight, qtype, m.hidden, getattr(torch, case.dtype))
+
+
 def _launch_rms_norm(case: Case) -> None:
     import torch
 
@@ -259,6 +281,7 @@ _LAUNCHERS: dict[str, Callable[[Case], None]] = {
     "decode": _launch_decode,
     "prefill": _launch_prefill,
     "quant_matmul": _launch_quant_matmul,
+    "dequantize": _launch_dequantize,
     "rms_norm": _launch_rms_norm,
     "rotary": _launch_rotary,
     "silu": _launch_silu,

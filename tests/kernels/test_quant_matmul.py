@@ -11,12 +11,13 @@ casts allow. The tests marked ``gpu`` run real shapes natively.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
-from gguf_blocks import F16_FIELDS
+from gguf_blocks import random_weight
 
 from rocmforge.gguf.dequant import dequantize
 from rocmforge.kernels.quant_matmul import (
@@ -41,17 +42,7 @@ TOLERANCE = {torch.float32: 2.0**-16, torch.float16: 2.0**-9, torch.bfloat16: 2.
 def _random_weight(
     qtype: T, n: int, k: int, seed: int, device: torch.device = DEVICE
 ) -> torch.Tensor:
-    """uint8 ``[n, row_bytes]``: random blocks whose fp16 fields are +-[2^-10, 2^-7]."""
-    gen = torch.Generator().manual_seed(seed)
-    block_elements, block_bytes = GGML_QUANT_SIZES[qtype]
-    blocks = k // block_elements
-    raw = torch.randint(0, 256, (n, blocks, block_bytes), dtype=torch.uint8, generator=gen)
-    for offset in F16_FIELDS[qtype]:
-        magnitude = torch.exp2(torch.empty(n, blocks).uniform_(-10, -7, generator=gen))
-        sign = torch.randint(0, 2, (n, blocks), generator=gen) * 2 - 1
-        halves = (magnitude * sign).to(torch.float16).view(torch.uint8)
-        raw[:, :, offset : offset + 2] = halves.view(n, blocks, 2)
-    return raw.reshape(n, blocks * block_bytes).to(device)
+    return random_weight(qtype, n, k, seed).to(device)
 
 
 def _random_x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -236,6 +227,35 @@ def test_gguf_linear_mixed_parts_match_dense() -> None:
     expected = F.linear(x, dense, bias)
     assert got.shape == (2, 3, 44) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("parts_seed", [21, 22])
+def test_gguf_linear_dense_path_for_prefill_sized_batches(parts_seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``dense_min_rows`` rows on, each buffer is dequantized and multiplied densely:
+    the same result, into a column slice when the layer has several buffers."""
+    from rocmforge.kernels import gguf_dequant
+
+    dequantized: list[T] = []
+    real = gguf_dequant.dequantize_weight
+
+    def spy(weight, ggml_type, in_features, dtype):
+        dequantized.append(ggml_type)
+        return real(weight, ggml_type, in_features, dtype)
+
+    monkeypatch.setattr(gguf_dequant, "dequantize_weight", spy)
+    k = 256
+    parts = _mixed_parts(k, seed=parts_seed)
+    if parts_seed == 22:
+        parts = parts[:2]  # one Q4_K buffer: the GEMM writes the output directly
+    layer = GGUFLinear(parts, in_features=k)
+    x = _random_x(9, k, torch.float32, seed=parts_seed)
+    dense = layer.dequantize()
+    quantized = layer(x)
+    assert not dequantized  # 9 rows: the quantized kernels
+    densely = layer(x, dense_min_rows=8)
+    assert dequantized == [t for t, _ in itertools.groupby(t for _, t in parts)]  # once per buffer
+    torch.testing.assert_close(densely, x @ dense.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(densely, quantized, rtol=1e-4, atol=1e-4)
 
 
 def test_gguf_linear_bfloat16_and_permuted_rows() -> None:

@@ -82,8 +82,9 @@ def activation_workspace_bytes(
     copy and the layer output (3 x hidden), Q/K/V and the attention output
     (q + 2 kv + q), gate|up and the SwiGLU product (3 x intermediate), plus fp32 RoPE factors.
     Per step: fp32 logits of every sampling row (and of a whole chunk when prompt logprobs
-    are asked for) with the sampler's two temporaries of that size, and the split-K decode
-    workspace of the attention kernel. Times an allocator-slack factor.
+    are asked for) with the sampler's two temporaries of that size, the split-K decode
+    workspace of the attention kernel, and the largest weight matrix dequantized for a
+    prefill GEMM (GGUF-block weights on a GPU). Times an allocator-slack factor.
     """
     element = torch.empty((), dtype=dtype).element_size()
     per_token = (
@@ -93,7 +94,8 @@ def activation_workspace_bytes(
     logits = 3 * logits_rows * config.vocab_size * 4
     partitions = -(-config.max_context // 512)
     decode_split = max_num_seqs * config.num_heads * partitions * (config.head_dim + 2) * 4
-    return int((max_num_batched_tokens * per_token + logits + decode_split) * _FRAGMENTATION)
+    dense_weight = max(2 * config.intermediate_size, config.vocab_size) * config.hidden_size * element
+    return int((max_num_batched_tokens * per_token + logits + decode_split + dense_weight) * _FRAGMENTATION)
 
 
 def check_weights_fit(weight_bytes: int, free_bytes: int, total_bytes: int, device: str) -> None:

@@ -39,13 +39,20 @@ from rocmforge.kernels import triton_available
 __all__ = ["GGUFLinear"]
 
 
-def _matmul() -> Callable[..., torch.Tensor]:
-    """:func:`rocmforge.kernels.quant_matmul.quant_matmul`, imported on first use: the module
-    imports Triton (optional on CPU installs) and decorates its kernels on import, which
-    must come after the interpreter switch is set."""
+DENSE_MIN_ROWS = 256
+"""From this many input rows on (prefill), a weight buffer is dequantized to the activation
+dtype and multiplied by the BLAS GEMM: its ``2 M N K`` flops on tensor cores outweigh one
+extra pass over the weight. Below, the decode-in-the-matmul kernels read the blocks once."""
+
+
+def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """``quant_matmul`` and ``dequantize_weight``, imported on first use: their modules
+    import Triton (optional on CPU installs) and decorate kernels on import, which must come
+    after the interpreter switch is set."""
+    from rocmforge.kernels.gguf_dequant import dequantize_weight
     from rocmforge.kernels.quant_matmul import quant_matmul
 
-    return quant_matmul
+    return quant_matmul, dequantize_weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +148,11 @@ class GGUFLinear(nn.Module):
         """Bytes of quantized weight held (bias excluded)."""
         return sum(getattr(self, s.name).numel() for s in self._segments)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``; one kernel launch
-        per weight buffer. RuntimeError where the kernels cannot run on ``x.device``."""
-        quant_matmul = _matmul()
+    def forward(self, x: torch.Tensor, *, dense_min_rows: int = DENSE_MIN_ROWS) -> torch.Tensor:
+        """``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``; per weight buffer
+        one quantized-matmul launch, or from ``dense_min_rows`` rows on a dequantization and
+        a BLAS GEMM. RuntimeError where the kernels cannot run on ``x.device``."""
+        quant_matmul, dequantize_weight = _kernels()
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input [..., {self.in_features}], got shape {tuple(x.shape)}"
@@ -152,12 +160,16 @@ class GGUFLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         out = torch.empty((rows.shape[0], self.out_features), dtype=x.dtype, device=x.device)
         for segment in self._segments:
-            quant_matmul(
-                rows,
-                getattr(self, segment.name),
-                segment.ggml_type,
-                out=out[:, segment.start : segment.stop],
-            )
+            weight = getattr(self, segment.name)
+            target = out[:, segment.start : segment.stop]
+            if rows.shape[0] >= dense_min_rows:
+                dense = dequantize_weight(weight, segment.ggml_type, self.in_features, x.dtype)
+                if target.is_contiguous():  # one buffer: the GEMM writes the output directly
+                    torch.mm(rows, dense.T, out=target)
+                else:
+                    target.copy_(rows @ dense.T)
+            else:
+                quant_matmul(rows, weight, segment.ggml_type, out=target)
         if self.bias is not None:
             out += self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
