@@ -201,15 +201,18 @@ def copy_bandwidth(device: torch.device, nbytes: int, copies: int = 10, runs: in
     return 2 * nbytes * copies / best
 
 
-def decode_weight_bytes(model: torch.nn.Module, embedding: torch.Tensor, head: torch.nn.Module) -> int:
+def decode_weight_bytes(model: torch.nn.Module, embedding: torch.nn.Module, head: torch.nn.Module) -> int:
     """Weight bytes one decode step reads: every parameter and buffer once (tied weights
     once), except the embedding table, of which a step reads one row — unless the output
-    head reads it whole (tied and dense)."""
-    total = module_bytes(model)
-    head_storages = {t.untyped_storage().data_ptr() for t in itertools.chain(head.parameters(), head.buffers())}
-    if embedding.untyped_storage().data_ptr() not in head_storages:
-        total -= embedding.untyped_storage().nbytes()
-    return total
+    head reads it whole (tied)."""
+
+    def storages(module: torch.nn.Module) -> dict[int, int]:
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in itertools.chain(module.parameters(), module.buffers())}
+
+    head_storages = storages(head)
+    table = sum(nbytes for ptr, nbytes in storages(embedding).items() if ptr not in head_storages)
+    return module_bytes(model) - table
 
 
 def kv_bytes_read(num_layers: int, num_kv_heads: int, head_dim: int, element_size: int, context: float) -> int:
@@ -242,7 +245,7 @@ def bench_rocmforge(path: Path, setup: Setup, weight_format: str) -> Speed:
     config = llm.config
     element = torch.empty((), dtype=llm.dtype).element_size()
     model = llm.engine.runner.model
-    nbytes = decode_weight_bytes(model, model.embed_tokens.weight, model.lm_head) + kv_bytes_read(
+    nbytes = decode_weight_bytes(model, model.embed_tokens, model.lm_head) + kv_bytes_read(
         config.num_layers, config.num_kv_heads, config.head_dim, element, mean_decode_context(setup.tg))
     return Speed(max(tg_speeds), nbytes, setup.bandwidth / nbytes, pp_tokens_per_s=setup.pp / min(pp_times))
 
@@ -319,7 +322,7 @@ def bench_hf(spec: SyntheticSpec, setup: Setup) -> Speed:
     first = min(generate(1) for _ in range(setup.runs))
     full = min(generate(setup.tg) for _ in range(setup.runs))
     element = torch.empty((), dtype=setup.dtype).element_size()
-    nbytes = decode_weight_bytes(model, model.model.embed_tokens.weight, model.lm_head) + kv_bytes_read(
+    nbytes = decode_weight_bytes(model, model.model.embed_tokens, model.lm_head) + kv_bytes_read(
         spec.num_layers, spec.num_kv_heads, spec.head_dim, element, mean_decode_context(setup.tg))
     return Speed((setup.tg - 1) / (full - first), nbytes, setup.bandwidth / nbytes)
 

@@ -129,10 +129,13 @@ def test_logits_match_hf(case: str, tmp_path) -> None:
 # The GPU fast path — Triton paged attention, GGUF-block matmul kernels, fused small ops — run
 # on the CPU through Triton's interpreter, against the same HF oracle.
 GPU_PATH_CASES = ["llama-legacy-quants", "mistral-kquants", "qwen2-bias-quants"]
+# token_embd is Q8_0 in the first and last (kept in blocks: GGUFEmbedding, and in the tied
+# qwen2 case the head reads the same blocks), F32 in mistral-kquants (dense).
 
 
 @pytest.mark.parametrize("case", GPU_PATH_CASES)
 def test_gpu_path_logits_match_hf(case: str, tmp_path) -> None:
+    from rocmforge.quant.gguf_embedding import GGUFEmbedding
     from rocmforge.quant.gguf_linear import GGUFLinear
 
     spec, types = CASES[case]
@@ -147,6 +150,12 @@ def test_gpu_path_logits_match_hf(case: str, tmp_path) -> None:
                              and GGUFLinear.supports(t.ggml_type, t.shape[1]) and n != "token_embd.weight"]
     layers = [m for m in loaded.model.modules() if isinstance(m, GGUFLinear)]
     assert layers and quantized_sources  # the case exercises the quantized kernels at all
+    embedding = loaded.model.embed_tokens
+    assert isinstance(embedding, GGUFEmbedding) == (types("token_embd.weight") == Q.Q8_0)
+    if isinstance(embedding, GGUFEmbedding):
+        assert spec.tie_embeddings  # and the head reads the same blocks: one copy of the table
+        head = loaded.model.lm_head
+        assert head.weight_0.untyped_storage().data_ptr() == embedding.blocks.untyped_storage().data_ptr()
     rng = np.random.default_rng(3)
     token_ids = rng.integers(0, spec.vocab_size, size=23).tolist()
     with torch.inference_mode():

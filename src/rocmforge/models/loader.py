@@ -24,6 +24,7 @@ from rocmforge.kernels import kernels_usable
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.quant import int4_cpu
+from rocmforge.quant.gguf_embedding import GGUFEmbedding
 from rocmforge.quant.gguf_linear import GGUFLinear
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,10 @@ def load_model(
     tied = OUTPUT not in gguf.tensors
 
     params = dict(PARAMS)
+    embedding = loader.gguf_embedding(config.hidden_size, dtype) if kernels == "triton" else None
+    if embedding is not None:
+        model.embed_tokens = embedding
+        del params["embed_tokens.weight"]
     linears = {} if tied else {"lm_head": ((OUTPUT,), ())}
     for i in range(config.num_layers):
         params.update({f"layers.{i}.{p}": f"blk.{i}.{name}" for p, name in LAYER_PARAMS.items()})
@@ -126,9 +131,10 @@ def load_model(
                 _fill(module.bias, bias, biases, gguf)
         _report(progress, done, total)
     if tied:
-        tied_head = loader.tied_head(kernels, model.embed_tokens.weight) if kernels else None
-        if tied_head is not None:
-            model.lm_head = tied_head
+        if embedding is not None:  # the head reads the embedding's blocks: one copy on the device
+            model.lm_head = GGUFLinear([(embedding.blocks, embedding.ggml_type)], in_features=embedding.dim)
+        elif kernels == "cpu":
+            model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.weight)
         else:
             model.lm_head.weight = model.embed_tokens.weight
 
@@ -164,14 +170,13 @@ def _quant_kernels(weight_format: WeightFormat, quant_kernels: QuantKernels, dev
 
 def placed_weight_bytes(gguf: GGUFFile, dtype: torch.dtype, weight_format: WeightFormat, device: torch.device) -> int:
     """Bytes the weights will take on ``device`` (checked against free memory before
-    loading): GGUF block bytes for matrices the GPU kernels read quantized, ``dtype``
-    elements for everything else (the embedding table is dequantized in both formats)."""
+    loading): GGUF block bytes for matrices the GPU kernels read quantized (the embedding
+    table too), ``dtype`` elements for everything else."""
     element = torch.empty((), dtype=dtype).element_size()
     quantized = resolve_weight_format(weight_format, device) == "quantized" and device.type == "cuda"
     total = 0
-    for name, info in gguf.tensors.items():
-        keep = quantized and name != "token_embd.weight" and len(info.shape) == 2 and GGUFLinear.supports(
-            info.ggml_type, info.shape[1])
+    for info in gguf.tensors.values():
+        keep = quantized and len(info.shape) == 2 and GGUFLinear.supports(info.ggml_type, info.shape[1])
         total += info.nbytes if keep else info.n_elements * element
     return total
 
@@ -209,12 +214,13 @@ class _TensorLoader:
             return self._gguf_linear(weights, bias, shape)
         return self._cpu_linear(weights, bias, shape)
 
-    def tied_head(self, kernels: str, embedding: torch.Tensor) -> torch.nn.Module | None:
-        """The output head tied to ``token_embd``: its GGUF blocks on the GPU (read once more
-        from the file; the embedding table itself is dense), int8 rows on the CPU."""
-        if kernels == "triton":
-            return self._gguf_linear(("token_embd.weight",), None, tuple(embedding.shape))
-        return int4_cpu.Int8Linear(embedding)
+    def gguf_embedding(self, dim: int, dtype: torch.dtype) -> GGUFEmbedding | None:
+        """``token_embd`` kept in GGUF blocks, or None for a type the kernels do not decode."""
+        info = self._info("token_embd.weight")
+        if len(info.shape) != 2 or info.shape[1] != dim or not GGUFLinear.supports(info.ggml_type, dim):
+            return None
+        _, raw = self._raw("token_embd.weight")
+        return GGUFEmbedding(raw.view(info.shape[0], -1), info.ggml_type, dim, dtype)
 
     def _gguf_linear(
         self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
