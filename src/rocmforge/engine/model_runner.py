@@ -3,8 +3,9 @@
 It holds the model's weights (through the model), the paged KV cache (one K and one V tensor
 per layer, ``[num_blocks + 1, block_size, num_kv_heads, head_dim]``: the last block is the
 scratch block padding rows write to), the decode CUDA graphs with their static buffers
-(:mod:`rocmforge.engine.cuda_graphs`) and each seeded request's random generator. Each step it turns the scheduler's integer plan into tensors, runs the
-model, samples, and hands back plain Python values — one host synchronisation per step.
+(:mod:`rocmforge.engine.cuda_graphs`) and each seeded request's random generator. Each step
+it turns the scheduler's integer plan into tensors, runs the model, samples, and hands back
+plain Python values — one host synchronisation per step.
 
 In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
 Out: :class:`~rocmforge.engine.scheduler.RunnerOutput` (sampled token per sampling request,

@@ -48,7 +48,7 @@ class PlacementOptions:
     device: str = "auto"
     gpu_index: int = 0
     dtype: str | torch.dtype | None = None
-    weight_format: str = "dense"
+    weight_format: str = "auto"
     kv_cache_memory: int | None = None
     """Bytes for the KV cache (default: 512 MiB on the CPU; on a GPU what the memory plan
     leaves, see :mod:`rocmforge.engine.memory`)."""

@@ -1,8 +1,9 @@
 """GGUF tensors -> a ready :class:`LlamaForCausalLM` on the target device.
 
-In: an open :class:`~rocmforge.gguf.GGUFFile`, the device and the compute dtype.
-Out: the model with every parameter filled (dequantized, Q/K rows in interleaved-RoPE
-order, Q/K/V and gate/up fused), plus its config.
+In: an open :class:`~rocmforge.gguf.GGUFFile`, the device, the compute dtype and the weight
+format. Out: the model with every parameter filled (Q/K rows in interleaved-RoPE order,
+Q/K/V and gate/up fused) — dequantized, or as quantized layers where the format and device
+allow (GGUF blocks on a GPU, int4/int8 on the CPU) — plus its config.
 
 Which GGUF tensor feeds which parameter is the data table below (gguf-py's names), not code.
 Every missing tensor, unexpected shape or unsupported type is a typed error naming the tensor.
