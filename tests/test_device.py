@@ -182,3 +182,47 @@ def test_settings_pass_the_faults_down(gguf: Path, monkeypatch: pytest.MonkeyPat
     settings = Settings(_env_file=None, gguf=str(gguf), device="auto", kv_cache_memory=4 << 20)
     llm = LLM.from_settings(settings)
     assert llm.device == torch.device("cpu") and llm.device_fallback is not None
+
+
+class _FakeCompilationError(Exception):
+    """Like Triton's CompilationError: not a RuntimeError."""
+
+
+def test_triton_kernels_that_fail_their_warm_up_give_way_to_torch_kernels(
+    gguf: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the Triton path is chosen (a GPU; here the CPU through Triton's interpreter) and
+    its warm-up step fails, the model is placed again on the same device with torch's
+    kernels: the reference attention, no decode graphs, dense weights."""
+    from rocmforge.engine.model_runner import ModelRunner
+
+    warm_ups: list[str] = []
+
+    def failing_warm_up(self: ModelRunner) -> torch.Tensor:
+        warm_ups.append(self.model.layers[0].self_attn.backend.name)
+        raise _FakeCompilationError("at 12:4: unsupported target for tl.dot")
+
+    monkeypatch.setattr(placement_module, "default_backend", lambda device: "triton")
+    monkeypatch.setattr(ModelRunner, "warm_up", failing_warm_up)
+    llm = LLM(gguf, device="cpu", dtype="float32")
+    assert warm_ups == ["triton"]  # the Triton placement was tried, once
+    runner = llm.engine.runner
+    assert runner.model.layers[0].self_attn.backend.name == "torch"
+    assert runner.model.layers[0].self_attn.kernels is None and runner.decode_graphs is None
+    assert llm.device == torch.device("cpu") and llm.device_fallback is None
+    assert "the Triton kernels failed on cpu (_FakeCompilationError: at 12:4" in caplog.text
+    [completion] = llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(completion.token_ids) == 4
+
+
+def test_the_triton_placement_serves_like_the_torch_one(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU placement — Triton attention, fused ops, warm-up, static decode steps — run on
+    the CPU through Triton's interpreter gives the torch placement's greedy tokens."""
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+    expected = [c.token_ids for c in LLM(gguf, device="cpu", dtype="float32").generate(prompts, params)]
+    monkeypatch.setattr(placement_module, "default_backend", lambda device: "triton")
+    llm = LLM(gguf, device="cpu", dtype="float32", max_num_seqs=4)
+    runner = llm.engine.runner
+    assert runner.model.layers[0].self_attn.backend.name == "triton" and runner.decode_graphs is not None
+    assert [c.token_ids for c in llm.generate(prompts, params)] == expected

@@ -150,7 +150,7 @@ class ModelRunner:
         try:
             self.decode_graphs.capture()
         except (RuntimeError, AssertionError) as exc:  # torch / Triton capture errors
-            if _is_out_of_memory(exc):
+            if is_out_of_memory(exc):
                 self.free_cached_memory()
             logger.warning("capturing the decode CUDA graphs failed (%s: %s): decode steps run eagerly",
                            type(exc).__name__, exc)
@@ -214,7 +214,7 @@ class ModelRunner:
         try:
             return self._execute(scheduled)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
             self.free_cached_memory()
             detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
@@ -348,7 +348,7 @@ class ModelRunner:
             result.prompt_logprobs[request.request_id] = (item.start_pos, entries)
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
     """torch ran out of device memory: the CUDA/ROCm error class, or an allocator message."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or bool(_OUT_OF_MEMORY.search(str(exc)))
 

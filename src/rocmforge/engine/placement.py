@@ -31,7 +31,7 @@ from rocmforge.engine.memory import (
     plan_cpu_kv_cache,
     plan_gpu_kv_cache,
 )
-from rocmforge.engine.model_runner import ModelRunner, kv_block_bytes
+from rocmforge.engine.model_runner import ModelRunner, is_out_of_memory, kv_block_bytes
 from rocmforge.errors import DeviceError
 from rocmforge.gguf import GGUFFile
 from rocmforge.models.config import ModelConfig
@@ -108,17 +108,28 @@ def _place(
     dtype_name: str | torch.dtype | None,
     options: PlacementOptions,
     progress: ProgressCallback | None,
+    *,
+    triton: bool | None = None,
 ) -> Placement:
-    """Weights and KV cache on ``device``. Torch errors propagate (the caller translates)."""
+    """Weights and KV cache on ``device``. Torch errors propagate (the caller translates).
+
+    ``triton`` (default: a GPU with Triton) runs the Triton kernels: attention, GGUF-block
+    linears, fused ops, decode CUDA graphs. A warm-up step then runs them once; if they
+    cannot compile or run on this device (an old Triton, an unsupported GPU), the model is
+    placed again on the same device with torch's kernels — dense weights, the reference
+    attention — and a warning, rather than failing or leaving the GPU."""
+    if triton is None:
+        triton = default_backend(device) == "triton"
     dtype = resolve_dtype(dtype_name, device)
-    logger.info("placing the weights on %s as %s (%s)", device, str(dtype).removeprefix("torch."),
-                options.weight_format)
+    # Without Triton a GPU has no kernels for quantized weights: they are dequantized.
+    weight_format = options.weight_format if triton or device.type != "cuda" else "dense"
+    logger.info("placing the weights on %s as %s (%s)", device, str(dtype).removeprefix("torch."), weight_format)
     if device.type == "cuda":
         free, total = free_memory(device)
-        check_weights_fit(placed_weight_bytes(gguf, dtype, options.weight_format, device), free, total, str(device))
+        check_weights_fit(placed_weight_bytes(gguf, dtype, weight_format, device), free, total, str(device))
     loaded = load_model(
-        gguf, device=device, dtype=dtype, attention=get_backend(default_backend(device)),
-        weight_format=options.weight_format, progress=progress,
+        gguf, device=device, dtype=dtype, attention=get_backend("triton" if triton else "torch"),
+        weight_format=weight_format, fused_kernels=triton, progress=progress,
     )
     config = loaded.config
     block_size = options.block_size
@@ -126,23 +137,32 @@ def _place(
     plan = _plan_memory(device, loaded.model, config, dtype, context, options)
     logger.info("%s", plan.describe())
     max_model_len = min(context, plan.num_blocks * block_size)
-    # Graphs need the Triton decode kernel, whose grid depends on host constants only.
-    graphs = options.cuda_graphs and default_backend(device) == "triton"
     try:
         runner = ModelRunner(
             loaded.model, plan.num_blocks, block_size, device, kv_dtype=dtype, faults=options.faults,
-            static_decode=graphs, max_num_seqs=options.max_num_seqs, max_model_len=max_model_len,
+            # Graphs need the Triton decode kernel, whose grid depends on host constants only.
+            static_decode=options.cuda_graphs and triton, max_num_seqs=options.max_num_seqs,
+            max_model_len=max_model_len,
         )
     except (RuntimeError, AssertionError) as exc:
         if device.type != "cuda":
             raise
         raise device_error(exc, device, "allocating the KV cache", plan.kv_bytes) from exc
-    if device.type == "cuda":
+    if triton:
         try:
             runner.warm_up()
-        except (RuntimeError, AssertionError) as exc:  # e.g. a Triton kernel that cannot compile here
-            raise device_error(exc, device, "running a warm-up step") from exc
-        runner.capture_decode_graphs()
+        except Exception as exc:  # Triton's compilation errors are not RuntimeErrors
+            if is_out_of_memory(exc):
+                raise device_error(exc, device, "running a warm-up step") from exc
+            logger.warning("the Triton kernels failed on %s (%s: %s): using torch's kernels (dense weights, "
+                           "reference attention) instead", device, type(exc).__name__, str(exc)[:300])
+        else:
+            runner.capture_decode_graphs()
+            return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
+        del runner, loaded
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return _place(gguf, device, dtype_name, options, progress, triton=False)
     return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
 
 
