@@ -27,6 +27,9 @@ from rocmforge.attention import (
 from rocmforge.attention.torch_ref import TorchPagedAttention, paged_attention
 from rocmforge.kernels import kernels_usable
 from rocmforge.kernels.paged_attention import (
+    DEFAULT_PARTITION_SIZE,
+    MAX_PARTITIONS,
+    default_partition_size,
     paged_decode_attention,
     paged_prefill_attention,
 )
@@ -159,6 +162,16 @@ def test_decode_max_seq_len_below_a_context_is_still_exact(max_seq_len: int) -> 
     not correctness."""
     step = _step(f"short-grid-{max_seq_len}", [1, 1], [70, 20], 4, 2, 64, 16)
     _assert_matches(_decode(step, max_seq_len=max_seq_len, partition_size=16), step.expected, torch.float32)
+
+
+def test_long_graph_contexts_widen_the_partitions() -> None:
+    """A graph captured for a 128k context launches at most MAX_PARTITIONS partitions per
+    (sequence, KV head); the result is the same."""
+    assert default_partition_size(0) == default_partition_size(8192) == DEFAULT_PARTITION_SIZE
+    assert default_partition_size(131072) == 2048 and -(-131072 // 2048) == MAX_PARTITIONS
+    assert -(-100_000 // default_partition_size(100_000)) <= MAX_PARTITIONS
+    step = _step("long-graph", [1, 1], [70, 600], 4, 2, 64, 16)
+    _assert_matches(_decode(step, max_seq_len=70_000), step.expected, torch.float32)
 
 
 # name, heads, kv_heads, head_dim, block_size, dtype, table dtype, query_lens, seq_lens

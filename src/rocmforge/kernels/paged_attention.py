@@ -53,6 +53,11 @@ from rocmforge.kernels import interpreter_active
 
 DEFAULT_PARTITION_SIZE = 512
 """Context positions per decode partition (a multiple of the decode KV tile)."""
+MAX_PARTITIONS = 64
+"""Above ``MAX_PARTITIONS * DEFAULT_PARTITION_SIZE`` positions of ``max_seq_len``, the
+default partition widens (powers of two) to keep at most this many: a CUDA graph captured
+for a 128k context would otherwise launch 256 programs per (sequence, KV head) in every
+layer, nearly all exiting at once for the short sequences of a typical step."""
 
 _LOG2_E = 1.4426950408889634
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,19 +74,21 @@ def paged_decode_attention(
     *,
     max_seq_len: int,
     out: torch.Tensor | None = None,
-    partition_size: int = DEFAULT_PARTITION_SIZE,
+    partition_size: int | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (``q: [B, H, D]``, the newest token) over keys
     ``0 .. seq_lens[b] - 1``. ``max_seq_len`` (host int, at least every ``seq_lens[b]`` for
     speed) fixes the split-K grid; ``partition_size`` is the split width (a power of two
-    >= 16). A sequence with ``seq_lens[b] == 0`` gets zeros. Returns ``out`` (or a new
-    tensor) of q's shape and dtype."""
+    >= 16; default :func:`default_partition_size`). A sequence with ``seq_lens[b] == 0``
+    gets zeros. Returns ``out`` (or a new tensor) of q's shape and dtype."""
     if q.dim() != 3:
         raise ValueError(f"decode q must be [num_seqs, num_heads, head_dim], got shape {tuple(q.shape)}")
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = _check_common(q, k_cache, v_cache, block_tables, seq_lens, num_seqs)
     if max_seq_len < 0:
         raise ValueError(f"max_seq_len must be >= 0, got {max_seq_len}")
+    if partition_size is None:
+        partition_size = default_partition_size(max_seq_len)
     if partition_size < 16 or partition_size & (partition_size - 1):
         raise ValueError(f"partition_size must be a power of two >= 16, got {partition_size}")
     out = _check_out(out, q)
@@ -187,6 +194,12 @@ def paged_prefill_attention(
         enable_fp_fusion=True,
     )
     return out
+
+
+def default_partition_size(max_seq_len: int) -> int:
+    """:data:`DEFAULT_PARTITION_SIZE`, widened to a power of two that keeps the partitions of
+    ``max_seq_len`` at most :data:`MAX_PARTITIONS`."""
+    return max(DEFAULT_PARTITION_SIZE, _pow2_at_least(max(1, -(-max_seq_len // MAX_PARTITIONS)), 16))
 
 
 def _pow2_at_least(value: int, floor: int) -> int:
