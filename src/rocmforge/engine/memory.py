@@ -92,7 +92,9 @@ def activation_workspace_bytes(
     ) * element + config.head_dim * 4
     logits_rows = max_num_seqs + max_num_batched_tokens
     logits = 3 * logits_rows * config.vocab_size * 4
-    partitions = -(-config.max_context // 512)
+    # Split-K partitions of the decode kernel: 512 positions each, at most 64
+    # (rocmforge.kernels.paged_attention, not imported here: it needs Triton).
+    partitions = min(-(-config.max_context // 512), 64)
     decode_split = max_num_seqs * config.num_heads * partitions * (config.head_dim + 2) * 4
     dense_weight = max(2 * config.intermediate_size, config.vocab_size) * config.hidden_size * element
     return int((max_num_batched_tokens * per_token + logits + decode_split + dense_weight) * _FRAGMENTATION)
