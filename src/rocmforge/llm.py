@@ -38,7 +38,7 @@ from rocmforge.engine.scheduler import Scheduler
 from rocmforge.errors import ChatTemplateError, InvalidRequestError
 from rocmforge.gguf import read_gguf
 from rocmforge.hub import resolve_model
-from rocmforge.models.loader import ProgressCallback, resolve_weight_format
+from rocmforge.models.loader import ProgressCallback
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.settings import FaultInjection, Settings, default_models_dir
@@ -143,7 +143,7 @@ class LLM:
         logger.info(
             "model loaded in %.2f s on %s (%s, %s weights): KV cache %d blocks x %d tokens = %d tokens, %s; "
             "context %d tokens, at most %d running requests", self.load_seconds, self.device,
-            str(self.dtype).removeprefix("torch."), resolve_weight_format(weight_format, self.device),
+            str(self.dtype).removeprefix("torch."), placement.weight_format,
             runner.num_blocks, block_size,
             runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len, max_num_seqs,
         )

@@ -14,6 +14,7 @@ out-of-memory) with the torch error as its cause.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -35,7 +36,12 @@ from rocmforge.engine.model_runner import ModelRunner, is_out_of_memory, kv_bloc
 from rocmforge.errors import DeviceError
 from rocmforge.gguf import GGUFFile
 from rocmforge.models.config import ModelConfig
-from rocmforge.models.loader import ProgressCallback, load_model, placed_weight_bytes
+from rocmforge.models.loader import (
+    ProgressCallback,
+    load_model,
+    placed_weight_bytes,
+    resolve_weight_format,
+)
 from rocmforge.settings import FaultInjection
 
 logger = logging.getLogger(__name__)
@@ -70,6 +76,9 @@ class Placement:
     config: ModelConfig
     max_model_len: int
     memory_plan: MemoryPlan
+    weight_format: str
+    """``dense`` or ``quantized``: what ``auto`` resolved to, and ``dense`` where the GPU's
+    Triton kernels failed their warm-up."""
     fallback: str | None = None
     """Why ``auto`` ended up on the CPU although a GPU was wanted; None otherwise."""
 
@@ -158,12 +167,14 @@ def _place(
                            "reference attention) instead", device, type(exc).__name__, str(exc)[:300])
         else:
             runner.capture_decode_graphs()
-            return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
+            return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan,
+                             weight_format=resolve_weight_format(weight_format, device))
         del runner, loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return _place(gguf, device, dtype_name, options, progress, triton=False)
-    return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan)
+    return Placement(runner, device, dtype, config, max_model_len=max_model_len, memory_plan=plan,
+                     weight_format=resolve_weight_format(weight_format, device))
 
 
 def _plan_memory(
@@ -208,5 +219,4 @@ def _fall_back(gguf: GGUFFile, reason: str, options: PlacementOptions, progress:
         logger.warning("float16 is not supported on the CPU: using float32")
         dtype = None
     placement = _place(gguf, torch.device("cpu"), dtype, options, progress)
-    return Placement(placement.runner, placement.device, placement.dtype, placement.config,
-                     placement.max_model_len, placement.memory_plan, fallback=reason)
+    return dataclasses.replace(placement, fallback=reason)
