@@ -14,7 +14,8 @@ from rocmforge.device import device_error, memory_usage, resolve_device
 from rocmforge.errors import ConfigError, DeviceError, DeviceOutOfMemoryError
 from rocmforge.llm import LLM
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.settings import FaultInjection, Settings
+from rocmforge.settings import Settings
+from rocmforge.testing.fault_spec import FaultInjection
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
 
 SPEC = SyntheticSpec(tie_embeddings=False, max_context=256)
@@ -184,23 +185,28 @@ def test_settings_pass_the_faults_down(gguf: Path, monkeypatch: pytest.MonkeyPat
     assert llm.device == torch.device("cpu") and llm.device_fallback is not None
 
 
-class _FakeCompilationError(Exception):
-    """Like Triton's CompilationError: not a RuntimeError."""
+def _compilation_error() -> Exception:
+    """What Triton raises for a kernel it cannot compile (not a RuntimeError)."""
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    return CompilationError("tl.dot(a, b)", ast.parse("x"), "at 12:4: unsupported target for tl.dot")
 
 
 def test_triton_kernels_that_fail_their_warm_up_give_way_to_torch_kernels(
     gguf: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Where the Triton path is chosen (a GPU; here the CPU through Triton's interpreter) and
-    its warm-up step fails, the model is placed again on the same device with torch's
-    kernels: the reference attention, no decode graphs, dense weights."""
+    its warm-up step fails to compile, the model is placed again on the same device with
+    torch's kernels: the reference attention, no decode graphs, dense weights."""
     from rocmforge.engine.model_runner import ModelRunner
 
     warm_ups: list[str] = []
 
     def failing_warm_up(self: ModelRunner) -> torch.Tensor:
         warm_ups.append(self.model.layers[0].self_attn.backend.name)
-        raise _FakeCompilationError("at 12:4: unsupported target for tl.dot")
+        raise _compilation_error()
 
     monkeypatch.setattr(placement_module, "default_backend", lambda device: "triton")
     monkeypatch.setattr(ModelRunner, "warm_up", failing_warm_up)
@@ -210,9 +216,33 @@ def test_triton_kernels_that_fail_their_warm_up_give_way_to_torch_kernels(
     assert runner.model.layers[0].self_attn.backend.name == "torch"
     assert runner.model.layers[0].self_attn.kernels is None and runner.decode_graphs is None
     assert llm.device == torch.device("cpu") and llm.device_fallback is None
-    assert "the Triton kernels failed on cpu (_FakeCompilationError: at 12:4" in caplog.text
+    assert "the Triton kernels failed on cpu (CompilationError: " in caplog.text
     [completion] = llm.generate([5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(completion.token_ids) == 4
+
+
+def test_a_warm_up_failure_that_is_not_a_kernel_error_propagates(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only kernel compile/launch errors send the placement to torch's kernels: a bug (here a
+    ValueError, or a RuntimeError raised outside Triton) is raised as it is."""
+    from rocmforge.engine.model_runner import ModelRunner
+
+    monkeypatch.setattr(placement_module, "default_backend", lambda device: "triton")
+    for error in (ValueError("a bug in the model code"), RuntimeError("shape mismatch outside Triton")):
+        def failing_warm_up(self: ModelRunner, error: Exception = error) -> torch.Tensor:
+            raise error
+
+        monkeypatch.setattr(ModelRunner, "warm_up", failing_warm_up)
+        with pytest.raises(type(error)) as info:
+            LLM(gguf, device="cpu", dtype="float32")
+        assert info.value is error
+
+
+def test_kernel_errors_are_told_from_other_errors() -> None:
+    from rocmforge.kernels import is_kernel_error
+
+    assert is_kernel_error(_compilation_error())
+    assert not is_kernel_error(ValueError("bug"))
+    assert not is_kernel_error(RuntimeError("torch said no"))
 
 
 def test_the_triton_placement_serves_like_the_torch_one(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,17 @@ batching engine the server uses.
     llm = LLM("model.gguf", device="cpu")
     [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
 
-Device placement and the GPU -> CPU fallback of ``device="auto"`` live in
-:mod:`rocmforge.engine.placement`; :attr:`LLM.device_fallback` says why it fell back.
+Configuration: keyword arguments are the fields of :mod:`rocmforge.config`'s engine parts
+(``device``, ``dtype``, ``block_size``, ``max_num_seqs``, ``kv_cache_memory``...: see
+:class:`~rocmforge.config.EngineConfig`), or a whole ``config=EngineConfig(...)``; the same
+fields are the ``ROCMFORGE_*`` settings and the CLI flags. Device placement and the GPU -> CPU
+fallback of ``device="auto"`` live in :mod:`rocmforge.engine.placement`;
+:attr:`LLM.device_fallback` says why it fell back.
+
+A call cleans up after itself: every prompt of a ``generate`` call is validated (tokenized,
+ids in the vocabulary, length within the context) before any is queued, and a call that fails
+or is interrupted (an exception, Ctrl-C, a ``stream`` abandoned half-way) aborts exactly its
+own requests, so the next call finds the engine empty.
 
 Loading logs at INFO (logger ``rocmforge.llm``): the file, its architecture and parameter
 count; the device, dtype and weight format; progress at each quarter of the tensors; the load
@@ -24,30 +33,30 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.config import EngineConfig
 from rocmforge.engine.llm_engine import LLMEngine
-from rocmforge.engine.memory import DEFAULT_GPU_MEMORY_UTILIZATION
 from rocmforge.engine.model_runner import kv_block_bytes
-from rocmforge.engine.placement import PlacementOptions, place_model
+from rocmforge.engine.placement import place_model
 from rocmforge.engine.scheduler import Scheduler
-from rocmforge.errors import ChatTemplateError, InvalidRequestError
+from rocmforge.errors import ChatTemplateError, ConfigError, InvalidRequestError
 from rocmforge.gguf import read_gguf
 from rocmforge.hub import resolve_model
 from rocmforge.models.loader import ProgressCallback
+from rocmforge.models.validate import check_vocabulary, checked_config
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.settings import FaultInjection, Settings, default_models_dir
+from rocmforge.settings import SettingsBase, default_models_dir
+from rocmforge.testing.fault_spec import FaultInjection
+from rocmforge.testing.faulty_runner import inject_faults
 from rocmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
-DEFAULT_BATCHED_TOKENS = 2048
 
 
 class LLM:
@@ -55,40 +64,22 @@ class LLM:
         self,
         model: str | os.PathLike[str] | None = None,
         *,
-        tokenizer: str | os.PathLike[str] | None = None,
-        device: str = "auto",
-        gpu_index: int = 0,
-        dtype: str | torch.dtype | None = None,
-        weight_format: str = "auto",
         models_dir: str | os.PathLike[str] | None = None,
-        kv_cache_memory: int | None = None,
-        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = DEFAULT_BATCHED_TOKENS,
-        max_waiting: int = 1024,
-        max_model_len: int | None = None,
-        enable_prefix_caching: bool = True,
-        cuda_graphs: bool = True,
+        config: EngineConfig | None = None,
         progress: ProgressCallback | None = None,
         faults: FaultInjection | None = None,
+        **options: Any,
     ) -> None:
         """``model``: a GGUF path, a known model name (``smollm2``) or None for the default.
-        ``device``: ``auto`` (GPU if usable, else the CPU: see the module docstring), ``cpu``,
-        ``cuda`` or ``cuda:N``.
-        ``weight_format``: ``auto`` (default) is ``quantized`` on a GPU and ``dense`` on the
-        CPU. ``dense`` dequantizes every weight to ``dtype`` (exact: matches HF transformers
-        on the dequantized weights). ``quantized`` on a GPU keeps the GGUF blocks in device
-        memory and dequantizes them inside Triton matmul kernels (the same values as
-        ``dense``, a quarter to a half of the bytes); on the CPU it keeps 4-bit weights
-        packed and the others in int8, with bf16 activations — about 2x faster decode,
-        slightly less accurate.
-        ``kv_cache_memory``: bytes for the KV cache (default: 512 MiB on the CPU; on a GPU
-        what is left of ``gpu_memory_utilization`` x its memory after the weights and the
-        activation workspace: see :mod:`rocmforge.engine.memory`).
-        ``cuda_graphs``: on a GPU, replay decode steps from CUDA graphs captured at start-up
-        (off: launch every kernel eagerly, e.g. to debug or profile).
+        ``options``: engine settings by field name (``device="cpu"``, ``dtype="float32"``,
+        ``weight_format``, ``block_size``, ``max_num_seqs``, ``kv_cache_memory``... every
+        field of :class:`~rocmforge.config.EngineConfig`'s parts, documented there), or
+        ``config`` with all of them. ``device="auto"`` takes the GPU when usable (module
+        docstring); ``weight_format="auto"`` is ``quantized`` on a GPU, ``dense`` on the CPU.
         ``faults``: a testing aid (``ROCMFORGE_FAULT_INJECT``), None in production."""
+        if config is not None and options:
+            raise ConfigError(f"give either config or options, not both (got {', '.join(sorted(options))})")
+        config = config or EngineConfig.from_kwargs(**options)
         faults = faults or FaultInjection()
         started = time.perf_counter()
         self.path = resolve_model(model, Path(models_dir) if models_dir else default_models_dir())
@@ -101,74 +92,54 @@ class LLM:
                 gguf.metadata.get("general.architecture", "unknown architecture"), _count(self.num_parameters),
                 len(gguf.tensors), _bytes(self.path.stat().st_size),
             )
-            progress = _logging_progress(progress)
             self.metadata: Mapping[str, Any] = gguf.metadata
+            tokenizer = config.load.tokenizer
             self.tokenizer = (
                 Tokenizer.from_file(tokenizer, gguf.metadata) if tokenizer else Tokenizer.from_gguf_metadata(gguf.metadata)
             )
-
-            options = PlacementOptions(
-                device=device, gpu_index=gpu_index, dtype=dtype, weight_format=weight_format,
-                kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
-                block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                max_model_len=max_model_len, cuda_graphs=cuda_graphs, faults=faults,
-            )
-            placement = place_model(gguf, options, progress)
+            # The metadata checked against the tensor index, and an embedding row for every token
+            # id, before any weight is placed.
+            check_vocabulary(self.tokenizer.vocab_size, checked_config(gguf), self.path)
+            placement = place_model(gguf, config, _logging_progress(progress), vocab_size=self.tokenizer.vocab_size,
+                                    fail_gpu_init=faults.gpu_init)
         finally:
             gguf.close()
         runner = placement.runner
+        inject_faults(runner, faults)
+        self.engine_config = config
+        """The engine configuration this LLM was built with (as given: ``max_model_len`` may
+        be None; :attr:`max_model_len` is the one in force)."""
         self.device = placement.device
         self.dtype = placement.dtype
         self.config = placement.config
+        """The model's hyper-parameters (from the GGUF metadata)."""
         self.max_model_len = placement.max_model_len
         self.memory_plan = placement.memory_plan
         """How the device's memory was divided: weights, workspace, KV cache, reserve."""
         self.device_fallback = placement.fallback
         """Why ``device="auto"`` ended up on the CPU although a GPU was wanted; None otherwise."""
 
-        scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_waiting=max_waiting,
-                max_model_len=self.max_model_len,
-            ),
-            CacheConfig(block_size=block_size, num_blocks=runner.num_blocks, enable_prefix_caching=enable_prefix_caching),
-        )
+        scheduler = Scheduler(replace(config.scheduler, max_model_len=self.max_model_len), config.cache,
+                              num_blocks=runner.num_blocks)
         self.engine = LLMEngine(runner, self.tokenizer, scheduler)
         self._ids = itertools.count()
         self.load_seconds = time.perf_counter() - started
         """Wall time ``__init__`` took: reading the file, placing the weights, the KV cache."""
+        block_size = config.cache.block_size
         kv_bytes = runner.num_blocks * kv_block_bytes(self.config, block_size, self.dtype)
         logger.info(
             "model loaded in %.2f s on %s (%s, %s weights): KV cache %d blocks x %d tokens = %d tokens, %s; "
             "context %d tokens, at most %d running requests", self.load_seconds, self.device,
             str(self.dtype).removeprefix("torch."), placement.weight_format,
-            runner.num_blocks, block_size,
-            runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len, max_num_seqs,
+            runner.num_blocks, block_size, runner.num_blocks * block_size, _bytes(kv_bytes), self.max_model_len,
+            config.scheduler.max_num_seqs,
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, progress: ProgressCallback | None = None) -> LLM:
+    def from_settings(cls, settings: SettingsBase, progress: ProgressCallback | None = None) -> LLM:
         """An LLM configured from :class:`~rocmforge.settings.Settings` (CLI flags + env)."""
-        return cls(
-            settings.gguf,
-            tokenizer=settings.tokenizer,
-            device=settings.device,
-            gpu_index=settings.gpu_device,
-            dtype=settings.dtype,
-            weight_format=settings.weight_format,
-            models_dir=settings.models,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, settings.max_num_seqs),
-            max_waiting=settings.max_waiting,
-            max_model_len=settings.max_model_len,
-            kv_cache_memory=settings.kv_cache_memory,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            cuda_graphs=settings.cuda_graphs,
-            progress=progress,
-            faults=settings.faults(),
-        )
+        return cls(settings.gguf, models_dir=settings.models, config=settings.engine_config(), progress=progress,
+                   faults=settings.faults())
 
     # --- text <-> tokens ---------------------------------------------------------------
 
@@ -186,7 +157,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Completion]:
-        """Complete one prompt or many (a str or a list of token ids each), in input order."""
+        """Complete one prompt or many (a str or a list of token ids each), in input order.
+        Every prompt is validated before any runs (module docstring)."""
         prompt_list = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
@@ -198,9 +170,11 @@ class LLM:
         return self._run(token_lists, param_list)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Generate for one prompt, yielding each step's output (text deltas) as it comes."""
+        """Generate for one prompt, yielding each step's output (text deltas) as it comes.
+        Leaving the loop early (``break``, an exception, closing the generator) aborts it."""
+        params = params or SamplingParams()
         request_id = f"llm-{next(self._ids)}"
-        self.engine.add_request(request_id, self._prompt_ids(prompt), params or SamplingParams())
+        self.engine.add_request(request_id, self._prompt_ids(prompt), params)
         try:
             while True:
                 for output in self.engine.step():
@@ -209,18 +183,23 @@ class LLM:
                         if output.finished:
                             return
         finally:
-            if self.engine.scheduler.get_request(request_id).finish_reason is None:
+            if self.engine.is_live(request_id):
                 self.engine.abort(request_id)
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         params: SamplingParams | None = None,
+        *,
+        special_tokens_in_content: bool = False,
         **template_kwargs: Any,
     ) -> Completion:
-        """Answer a conversation, rendered with the model's chat template."""
-        prompt = self.apply_chat_template(messages, **template_kwargs)
-        [completion] = self._run([self.tokenizer.encode(prompt, add_special=False)], [params or SamplingParams()])
+        """Answer a conversation, rendered with the model's chat template (under its time and
+        size budget). Control-token text written in the messages is plain text unless
+        ``special_tokens_in_content``: only the template makes control tokens."""
+        prompt = self.tokenizer.encode_chat(list(messages), add_generation_prompt=True,
+                                            special_tokens_in_content=special_tokens_in_content, **template_kwargs)
+        [completion] = self._run([prompt.ids], [params or SamplingParams()])
         return completion
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
@@ -241,8 +220,11 @@ class LLM:
         return list(prompt)
 
     def _run(self, token_lists: list[list[int]], param_list: list[SamplingParams]) -> list[Completion]:
+        """Run the requests to the end. All are validated first; whatever goes wrong (an
+        exception, Ctrl-C), the call's own live requests are aborted before it leaves."""
         engine = self.engine
-        pending = deque(zip((f"llm-{next(self._ids)}" for _ in token_lists), token_lists, param_list))
+        checked = [engine.check_request(ids, params) for ids, params in zip(token_lists, param_list)]
+        pending = deque(zip((f"llm-{next(self._ids)}" for _ in checked), checked, param_list))
         order = [request_id for request_id, _, _ in pending]
         prompts = {request_id: ids for request_id, ids, _ in pending}
         tokens: dict[str, list[int]] = {request_id: [] for request_id in order}
@@ -250,17 +232,24 @@ class LLM:
         finals: dict[str, RequestOutput] = {}
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
         max_waiting = engine.scheduler.scheduler_config.max_waiting
-        while pending or engine.has_unfinished():
-            while pending and engine.scheduler.num_waiting < max_waiting:
-                request_id, ids, params = pending.popleft()
-                engine.add_request(request_id, ids, params)
-            for output in engine.step():
-                tokens[output.request_id].extend(output.new_token_ids)
-                logprobs[output.request_id].extend(output.new_logprobs)
-                if output.prompt_logprobs is not None:
-                    prompt_logprobs[output.request_id] = output.prompt_logprobs
-                if output.finished:
-                    finals[output.request_id] = output
+        try:
+            while pending or any(engine.is_live(rid) for rid in order if rid not in finals):
+                while pending and engine.scheduler.num_waiting < max_waiting:
+                    request_id, ids, params = pending.popleft()
+                    engine.add_request(request_id, ids, params)
+                for output in engine.step():
+                    if output.request_id not in tokens:
+                        continue  # another caller's request (a stream left open)
+                    tokens[output.request_id].extend(output.new_token_ids)
+                    logprobs[output.request_id].extend(output.new_logprobs)
+                    if output.prompt_logprobs is not None:
+                        prompt_logprobs[output.request_id] = output.prompt_logprobs
+                    if output.finished:
+                        finals[output.request_id] = output
+        finally:
+            for request_id in order:
+                if engine.is_live(request_id):
+                    engine.abort(request_id)
         return [
             Completion(
                 request_id=request_id,

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from rocmforge.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1
+"""``top_k`` beyond any vocabulary; the bound keeps it inside the sampler's integer types."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
         _check_float(self.temperature, "temperature", low=0.0, high=100.0)
-        _check_int(self.top_k, "top_k", low=-1)
+        _check_int(self.top_k, "top_k", low=-1, high=MAX_TOP_K)
         _check_float(self.top_p, "top_p", low=0.0, high=1.0, low_open=True)
         _check_float(self.min_p, "min_p", low=0.0, high=1.0)
         _check_float(self.repetition_penalty, "repetition_penalty", low=0.0, high=100.0, low_open=True)

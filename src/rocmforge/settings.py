@@ -1,12 +1,20 @@
 """Configuration from the environment: the one place that reads ``ROCMFORGE_*`` variables.
 
 Precedence (highest first): explicit arguments / CLI flags, environment variables, a ``.env``
-file in the working directory, the defaults below. Everything else in the package receives
-values from here explicitly.
+file in the working directory, the defaults. Everything else in the package receives values
+from here explicitly.
+
+Two kinds of settings. The process-level ones (models directory, addresses, logging, tracing,
+fault injection) are declared in :class:`SettingsBase`. Every field of the config classes of
+:mod:`rocmforge.config` (load, device, cache, scheduler, server) is a setting too, derived
+from the class: same name (``ROCMFORGE_<FIELD>``), type, default, docstring and validation
+rule; :meth:`SettingsBase.engine_config` and :meth:`SettingsBase.server_config` hand out the
+config objects. :data:`Settings` is the class with both.
 
 ``ROCMFORGE_FAULT_INJECT`` is a testing aid, never meant for production: it is parsed once
-into a :class:`FaultInjection` that ``LLM.from_settings`` passes down to device selection and
-the model runner, so the real server can be made to fail on demand in end-to-end tests.
+into a :class:`~rocmforge.testing.fault_spec.FaultInjection` that ``LLM.from_settings`` uses to
+wrap the model runner (and to fail GPU initialisation), so the real server can be made to
+fail on demand in end-to-end tests.
 
 Unprefixed standard variables read here too: ``NO_COLOR``, and the OpenTelemetry
 ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`` / ``..._PROTOCOL`` that switch request tracing on
@@ -17,98 +25,38 @@ sampler, resource attributes) is the OpenTelemetry SDK's own business: it reads 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from rocmforge.config import ENGINE_PARTS, ConfigField, EngineConfig, ServerConfig, config_fields
+from rocmforge.config.fields import Rule
 from rocmforge.errors import ConfigError
 from rocmforge.logs import FORMATS, parse_level_spec
+from rocmforge.testing.fault_spec import FaultInjection
 
-FAULT_KINDS = ("gpu_init", "forward_error", "forward_fatal", "oom_over", "transient")
+C = TypeVar("C")
+
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 """The OTLP transports the Python exporters implement (``http/json`` has none)."""
 
 
-@dataclass(frozen=True, slots=True)
-class FaultInjection:
-    """Faults to inject, for tests only (``ROCMFORGE_FAULT_INJECT``). Empty: inject nothing.
+class SettingsBase(BaseSettings):
+    """The process-level settings, declared here; :data:`Settings` adds one field per field of
+    the config classes (:data:`DERIVED_CONFIGS`), with their types, defaults and docstrings."""
 
-    Spec: comma-separated entries, each one of
-
-    * ``gpu_init``: initialising the GPU fails (device selection behaves as if torch.cuda
-      raised), so ``device=auto`` falls back to the CPU and ``device=cuda`` fails;
-    * ``forward_error:<prefix>``: a forward pass whose batch holds a request whose id starts
-      with ``<prefix>`` raises :class:`~rocmforge.errors.ModelExecutionError` (clients pick
-      ids with ``X-Request-Id``);
-    * ``forward_fatal:<prefix>``: likewise, but raises the fatal
-      :class:`~rocmforge.errors.EngineDeadError`, which kills the engine;
-    * ``oom_over:<tokens>``: a forward pass over more than ``<tokens>`` batched tokens runs
-      out of device memory (torch's own out-of-memory error for the device, which the model
-      runner translates into :class:`~rocmforge.errors.DeviceOutOfMemoryError`). The limit
-      is on tokens, not sequences: a decode-only batch of ``n`` requests is ``n`` tokens, so
-      it bounds the batch size too, and a long prompt alone is cured by a smaller chunk;
-    * ``transient:<n>``: the first ``n`` forward passes of the process (batched, retried or
-      re-run alone, each counts) raise the recoverable
-      :class:`~rocmforge.errors.DeviceError`, which the engine retries with backoff.
-    """
-
-    gpu_init: bool = False
-    forward_error: tuple[str, ...] = ()
-    """Request-id prefixes whose forward pass raises ``ModelExecutionError``."""
-    forward_fatal: tuple[str, ...] = ()
-    """Request-id prefixes whose forward pass raises ``EngineDeadError``."""
-    oom_over: int | None = None
-    """Forward passes over more batched tokens than this run out of memory; None: never."""
-    transient: int = 0
-    """How many forward passes (the first ones) raise a transient ``DeviceError``."""
-
-    @classmethod
-    def parse(cls, spec: str | None) -> FaultInjection:
-        """Parse ``"gpu_init,forward_error:boom,oom_over:64"``; raise :class:`ConfigError`
-        naming the bad part."""
-        gpu_init = False
-        prefixes: dict[str, list[str]] = {"forward_error": [], "forward_fatal": []}
-        counts: dict[str, int] = {}
-        for raw in (spec or "").split(","):
-            part = raw.strip()
-            if not part:
-                continue
-            kind, sep, arg = part.partition(":")
-            kind, arg = kind.strip(), arg.strip()
-            if kind == "gpu_init" and not sep:
-                gpu_init = True
-            elif kind in prefixes and sep and arg:
-                prefixes[kind].append(arg)
-            elif kind in ("oom_over", "transient") and kind not in counts and _positive_int(arg):
-                counts[kind] = int(arg)
-            else:
-                raise ConfigError(
-                    f"bad fault spec {part!r} in {spec!r} (use gpu_init, forward_error:<request-id prefix>, "
-                    "forward_fatal:<request-id prefix>, oom_over:<tokens> or transient:<count>; the numbers are "
-                    "positive integers, given once each)",
-                    param="fault_inject",
-                )
-        return cls(gpu_init, tuple(prefixes["forward_error"]), tuple(prefixes["forward_fatal"]),
-                   counts.get("oom_over"), counts.get("transient", 0))
-
-    @property
-    def active(self) -> bool:
-        return self.gpu_init or self.affects_forward
-
-    @property
-    def affects_forward(self) -> bool:
-        """Some fault hits the model runner's forward pass."""
-        return bool(self.forward_error or self.forward_fatal or self.oom_over is not None or self.transient)
-
-
-def _positive_int(text: str) -> bool:
-    return text.isascii() and text.isdigit() and int(text) > 0
-
-
-class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROCMFORGE_", env_file=".env", extra="ignore")
 
     models: Path = Field(
@@ -116,35 +64,8 @@ class Settings(BaseSettings):
         description="Directory holding GGUF files; `rocmforge pull` writes here.",
     )
     gguf: str | None = Field(default=None, description="Model to load when none is named (path or known name).")
-    tokenizer: Path | None = Field(default=None, description="HF tokenizer.json overriding the GGUF vocabulary.")
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
-    gpu_device: int = Field(default=0, ge=0, description="GPU index used by `auto` and `cuda`.")
-    dtype: str = Field(default="auto", description="auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16")
-    weight_format: Literal["auto", "dense", "quantized"] = Field(
-        default="auto",
-        description="auto (quantized on GPU, dense on CPU) | dense | quantized (GPU: GGUF blocks; CPU: int4/int8)",
-    )
     addr: str = Field(default="127.0.0.1:8080", description="Address `rocmforge serve` binds (HOST:PORT).")
     host: str = Field(default="http://127.0.0.1:8080", description="Server URL the client commands talk to.")
-    api_key: SecretStr | None = Field(default=None, description="Bearer key required on every route but /health.")
-    model_name: str | None = Field(default=None, description="Model id shown to clients (default: file stem).")
-    cors_origins: list[str] = Field(default_factory=list, description="Allowed CORS origins (JSON list); empty: off.")
-    max_body_bytes: int = Field(default=1 << 20, gt=0, description="Largest accepted request body.")
-    max_num_seqs: int = Field(default=64, gt=0, description="Most requests decoded together.")
-    max_waiting: int = Field(default=1024, gt=0, description="Waiting-queue capacity; beyond it requests get 429.")
-    max_model_len: int | None = Field(default=None, gt=0, description="Context window (default: the model's).")
-    kv_cache_memory: int | None = Field(
-        default=None, gt=0, description="KV-cache bytes (default: 512 MiB CPU; GPU: what the memory plan leaves)."
-    )
-    cuda_graphs: bool = Field(default=True, description="Replay decode steps from CUDA graphs on a GPU.")
-    gpu_memory_utilization: float = Field(
-        default=0.9, gt=0, le=1, description="Share of the GPU's memory the engine plans with (weights + KV + workspace)."
-    )
-    shutdown_timeout: float = Field(
-        default=30.0,
-        ge=0,
-        description="Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled.",
-    )
     log_level: str = Field(default="warn", description="Level, optionally per module: warn,rocmforge.engine=debug")
     log_format: str = Field(default="human", description="human | json")
     log_file: Path | None = Field(default=None, description="Also write JSON-lines logs here, rotated by size.")
@@ -153,8 +74,8 @@ class Settings(BaseSettings):
     fault_inject: str = Field(
         default="",
         description="Testing aid only, never for production: comma-separated faults to inject: gpu_init | "
-        "forward_error:<request-id prefix> | forward_fatal:<request-id prefix> | oom_over:<batched tokens> | "
-        "transient:<count>.",
+        "forward_error:<request-id prefix> | forward_fatal:<request-id prefix> | device_lost:<request-id prefix> | "
+        "oom_over:<batched tokens> | transient:<count>.",
     )
     no_color: bool = Field(
         default=False,
@@ -227,8 +148,68 @@ class Settings(BaseSettings):
         # https://no-color.org: any non-empty value disables colour; booleans pass through.
         return bool(value) if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _check_configs(self) -> SettingsBase:
+        """Every field passed its own rule: build the config objects, so the rules that span
+        fields run too (a :class:`ConfigError` naming the field)."""
+        self.engine_config()
+        self.server_config()
+        return self
 
-def load_settings(**overrides: object) -> Settings:
+    def engine_config(self) -> EngineConfig:
+        """The load, device, cache and scheduler configs these settings describe."""
+        return EngineConfig(**{part: _build(self, cls) for part, cls in ENGINE_PARTS.items()})
+
+    def server_config(self) -> ServerConfig:
+        return _build(self, ServerConfig)
+
+
+DERIVED_CONFIGS: tuple[type, ...] = (*ENGINE_PARTS.values(), ServerConfig)
+"""The config classes whose fields are settings too (``ROCMFORGE_<FIELD>``)."""
+
+
+def _build(settings: SettingsBase, config_class: type[C]) -> C:
+    values = {}
+    for spec in config_fields(config_class):
+        value = getattr(settings, spec.name)
+        values[spec.name] = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return config_class(**values)
+
+
+def _settings_field(spec: ConfigField) -> tuple[Any, Any]:
+    """A config field as a settings field: its type (a ``SecretStr`` for secrets) with the
+    config class's rule as the validator, its default and its docstring."""
+    annotation: Any = SecretStr | None if spec.secret else spec.annotation
+    rule = spec.rule
+    if rule is not None:
+        annotation = Annotated[annotation, AfterValidator(_as_validator(rule, spec.name, secret=spec.secret))]
+    return annotation, Field(default=spec.default, description=spec.doc)
+
+
+def _as_validator(rule: Rule, name: str, *, secret: bool) -> Callable[[Any], Any]:
+    """A rule as a pydantic validator: its ConfigError becomes the ValueError pydantic collects."""
+
+    def validate(value: Any) -> Any:
+        plain = value.get_secret_value() if secret and isinstance(value, SecretStr) else value
+        try:
+            checked = rule(plain, name)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value if secret else checked
+
+    return validate
+
+
+Settings: type[SettingsBase] = create_model(  # type: ignore[call-overload]
+    "Settings",
+    __base__=SettingsBase,
+    __module__=__name__,
+    __doc__="Every setting: the process-level ones of :class:`SettingsBase` and one per config field.",
+    **{spec.name: _settings_field(spec) for cls in DERIVED_CONFIGS for spec in config_fields(cls)},
+)
+
+
+def load_settings(**overrides: object) -> SettingsBase:
     """Settings from the environment, with non-None ``overrides`` (CLI flags) on top.
 
     An invalid value raises :class:`ConfigError` whose one-line message names where it came
@@ -239,6 +220,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**given)
     except ValidationError as exc:
         raise _config_error(exc, given) from None
+    except ConfigError as exc:  # a rule spanning fields (each field passed its own)
+        where = _source(exc.param, given) if exc.param else "a ROCMFORGE_* setting"
+        raise ConfigError(f"invalid setting {where}: {exc.message}", param=exc.param) from None
     except SettingsError as exc:  # a complex value (JSON list) that does not even parse
         field = next((name for name in Settings.model_fields if f'"{name}"' in str(exc)), None)
         where = _source(field, given) if field else "a ROCMFORGE_* setting"
@@ -255,7 +239,8 @@ def _config_error(exc: ValidationError, given: dict[str, object]) -> ConfigError
         first = first or name
         message = str(error["msg"]).removeprefix("Value error, ")
         value = error.get("input")
-        echoed = isinstance(value, str) and repr(value) in message  # a validator of ours quoted it
+        # A rule of ours quoted the value already.
+        echoed = (isinstance(value, str) and repr(value) in message) or ", got " in message
         shown = "" if echoed or isinstance(value, dict) or value is None else f" (got {_short(value)})"
         problems.append(f"{_source(name, given)}: {message}{shown}")
     return ConfigError("invalid setting " + "; ".join(problems), param=first)

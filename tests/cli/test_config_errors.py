@@ -14,7 +14,8 @@ import pytest
 COMMANDS = [("models",), ("serve", "--gguf", "tiny.gguf"), ("status", "some-id"), ("inspect", "missing.gguf")]
 BAD_SETTINGS = [
     ("ROCMFORGE_LOG_FORMAT", "xml", "log_format must be 'human' or 'json', got 'xml'"),
-    ("ROCMFORGE_MAX_NUM_SEQS", "0", "greater than 0 (got '0')"),
+    ("ROCMFORGE_MAX_NUM_SEQS", "0", "max_num_seqs must be >= 1, got 0"),
+    ("ROCMFORGE_BLOCK_SIZE", "12", "block_size must be a power of two, got 12"),
     ("ROCMFORGE_FAULT_INJECT", "oom_over:lots", "bad fault spec 'oom_over:lots'"),
     ("ROCMFORGE_LOG_LEVEL", "loud", "unknown log level 'loud'"),
     ("ROCMFORGE_MAX_BODY_BYTES", "1MB", "valid integer"),
@@ -51,14 +52,19 @@ def test_an_invalid_variable_stops_every_command(variable: str, value: str, prob
 
 def test_an_invalid_flag_is_named_as_the_flag() -> None:
     result = run_cli("serve", "--gguf", "tiny.gguf", "--max-num-seqs", "0")
-    assert_one_line_error(result, "--max-num-seqs: ", "greater than 0 (got 0)")
+    assert_one_line_error(result, "--max-num-seqs: ", "max_num_seqs must be >= 1, got 0")
 
 
 def test_several_invalid_settings_are_reported_together() -> None:
     result = run_cli("models", env={"ROCMFORGE_LOG_FORMAT": "xml", "ROCMFORGE_MAX_WAITING": "-1"})
     line = assert_one_line_error(result, "ROCMFORGE_LOG_FORMAT: log_format must be",
-                                 "ROCMFORGE_MAX_WAITING: Input should be greater than 0 (got '-1')")
+                                 "ROCMFORGE_MAX_WAITING: max_waiting must be >= 1, got -1")
     assert line.count("; ") == 1, line
+
+
+def test_a_rule_spanning_two_settings_names_one_of_them() -> None:
+    result = run_cli("models", env={"ROCMFORGE_MAX_NUM_SEQS": "4096"})
+    assert_one_line_error(result, "ROCMFORGE_MAX_NUM_BATCHED_TOKENS: ", "must be >= max_num_seqs (4096)")
 
 
 def test_json_logs_make_the_error_line_json_too() -> None:

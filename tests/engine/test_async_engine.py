@@ -186,15 +186,15 @@ def test_cancel_mid_stream_frees_blocks_at_once(ref_llm: LLM, make_llm: Callable
             seen = [await victim.__anext__() for _ in range(3)]
             assert await engine.cancel(victim.request_id) is True
 
-            def check(e: LLMEngine) -> tuple[list[int], int, int]:
+            def check(e: LLMEngine) -> tuple[bool, int, int]:
                 live = [e.scheduler.get_request(other.request_id)]
                 e.scheduler.block_manager.check_invariants(live)
                 held = len(live[0].block_ids)
                 free, total = free_blocks(e)
-                return e.scheduler.get_request(victim.request_id).block_ids, free + held, total
+                return e.scheduler.is_live(victim.request_id), free + held, total
 
-            victim_blocks, free_plus_other, total = await engine.call(check)
-            assert victim_blocks == [] and free_plus_other == total
+            victim_live, free_plus_other, total = await engine.call(check)
+            assert not victim_live and free_plus_other == total
 
             rest = [out async for out in victim]
             final = rest[-1]
@@ -316,8 +316,7 @@ def test_status_through_a_requests_life(ref_llm: LLM, make_llm: Callable[..., LL
 
 
 def test_admission_errors_are_raised_by_submit(ref_llm: LLM, make_llm: Callable[..., LLM]) -> None:
-    llm = make_llm(max_num_seqs=1, max_num_batched_tokens=64)
-    llm.engine.scheduler.scheduler_config.max_waiting = 1
+    llm = make_llm(max_num_seqs=1, max_num_batched_tokens=64, max_waiting=1)
     prompt = tokens(ref_llm, PROMPTS[0])
 
     async def main() -> None:
@@ -332,6 +331,8 @@ def test_admission_errors_are_raised_by_submit(ref_llm: LLM, make_llm: Callable[
                 await engine.submit("text", GREEDY)  # type: ignore[arg-type]
             with pytest.raises(InvalidRequestError):
                 await engine.submit(prompt, {"max_tokens": 3})  # type: ignore[arg-type]
+            with pytest.raises(InvalidRequestError, match="stop_token_ids"):  # outside the vocabulary
+                await engine.submit(prompt, SamplingParams(max_tokens=4, min_tokens=1, stop_token_ids=[10_000]))
 
             running = await engine.submit(prompt, LONG, request_id="dup")
             await running.__anext__()
@@ -352,22 +353,34 @@ def test_admission_errors_are_raised_by_submit(ref_llm: LLM, make_llm: Callable[
 # --- failures --------------------------------------------------------------------------------------
 
 
-def test_failed_step_fails_only_its_batch(
+def test_a_step_the_device_fails_fails_only_its_batch(
     ref_llm: LLM, make_llm: Callable[..., LLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The device fails one step — the batch, each request alone and the probe with no
+    request: the step's requests fail, the waiting one and later ones are served."""
     llm = make_llm(max_num_seqs=2, max_num_batched_tokens=64)
     prompts = [tokens(ref_llm, p) for p in PROMPTS[:5]]
     expected = ref_llm.generate(prompts, GREEDY)
-    execute = llm.engine.runner.execute
+    runner = llm.engine.runner
+    execute, probe = runner.execute, runner.probe
     failed_batches: list[list[str]] = []
+    broken = {"passes": 3, "probes": 1}  # the batch, then each of its two requests alone
 
     def faulty(out: SchedulerOutput) -> RunnerOutput:
-        if not failed_batches:
+        if broken["passes"]:
+            broken["passes"] -= 1
             failed_batches.append([item.request.request_id for item in out.scheduled])
             raise RuntimeError("injected fault")
         return execute(out)
 
-    monkeypatch.setattr(llm.engine.runner, "execute", faulty)
+    def faulty_probe() -> None:
+        if broken["probes"]:
+            broken["probes"] -= 1
+            raise RuntimeError("injected fault (probe)")
+        probe()
+
+    monkeypatch.setattr(runner, "execute", faulty)
+    monkeypatch.setattr(runner, "probe", faulty_probe)
 
     async def main() -> None:
         async with serving(llm) as engine:
@@ -377,8 +390,9 @@ def test_failed_step_fails_only_its_batch(
             finals = []
             for stream in streams[:2]:
                 finals.append([o async for o in stream][-1])
-            [batch] = failed_batches
+            batch, *alone = failed_batches
             assert batch == [s.request_id for s in streams[:2]]  # the third one waited
+            assert alone == [[s.request_id] for s in streams[:2]]
 
             for stream, final in zip(streams[:2], finals):
                 assert final.finish_reason == "error" and "injected fault" in (final.error or "")
@@ -391,6 +405,43 @@ def test_failed_step_fails_only_its_batch(
             later = [await engine.submit(p, GREEDY) for p in prompts[3:]]
             for stream, want in zip(later, expected[3:]):
                 assert (await stream.result()).token_ids == want.token_ids
+            assert engine.is_alive and engine.is_running
+            free, total = await engine.call(free_blocks)
+            assert free == total
+
+    run(main())
+
+
+def test_bad_requests_in_a_row_never_kill_the_engine(
+    ref_llm: LLM, make_llm: Callable[..., LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose data makes every pass it is in fail (alone too) fails alone: many of
+    them in a row — more than max_consecutive_failures — leave the engine alive, and the good
+    requests batched with them get exactly their tokens."""
+    llm = make_llm(max_num_seqs=2, max_num_batched_tokens=64)
+    prompt = tokens(ref_llm, PROMPTS[0])
+    [want] = ref_llm.generate([prompt], GREEDY)
+    runner = llm.engine.runner
+    execute = runner.execute
+
+    def poisoned(out: SchedulerOutput) -> RunnerOutput:
+        if any(item.request.request_id.startswith("bad") for item in out.scheduled):
+            raise OverflowError("Overflow when unpacking long long")
+        return execute(out)
+
+    monkeypatch.setattr(runner, "execute", poisoned)
+
+    async def main() -> None:
+        async with serving(llm, max_consecutive_failures=3) as engine:
+            for i in range(6):  # alone: each is a step whose only request fails
+                stream = await engine.submit(prompt, GREEDY, request_id=f"bad-{i}")
+                with pytest.raises(ModelExecutionError, match="OverflowError"):
+                    await stream.result()
+            good = await engine.submit(prompt, GREEDY, request_id="good")
+            bad = await engine.submit(prompt, GREEDY, request_id="bad-batched")
+            assert (await good.result()).token_ids == want.token_ids
+            with pytest.raises(ModelExecutionError):
+                await bad.result()
             assert engine.is_alive and engine.is_running
             free, total = await engine.call(free_blocks)
             assert free == total

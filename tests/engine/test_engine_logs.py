@@ -15,7 +15,7 @@ from rocmforge import LLM, SamplingParams
 from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.errors import ContextLengthExceededError, ModelExecutionError
 from rocmforge.logs import RequestContextFilter, bind_request
-from rocmforge.settings import FaultInjection
+from rocmforge.testing.fault_spec import FaultInjection
 
 IDS = ("log-done", "log-cancel", "log-fail", "log-refused")
 SHORT = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)

@@ -22,12 +22,12 @@ import pytest
 import torch
 from tiny_engine import StepRecorder, assert_pool_idle
 
-import rocmforge.engine.llm_engine as llm_engine_module
+import rocmforge.engine.recovery as recovery_module
 from rocmforge import LLM, SamplingParams
 from rocmforge.engine.async_engine import AsyncEngine
-from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.recovery import RecoveryPolicy
-from rocmforge.engine.request import Request, RequestState
+from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.engine.scheduler import RunnerOutput, Scheduler, StepLimits
 from rocmforge.errors import (
     ConfigError,
@@ -41,7 +41,7 @@ from rocmforge.errors import (
     is_transient,
 )
 from rocmforge.outputs import Completion
-from rocmforge.settings import FaultInjection
+from rocmforge.testing.fault_spec import FaultInjection
 
 LENGTHS = [3, 9, 17, 30, 5, 12, 41, 2, 22, 7]
 PROMPTS: list[list[int]] = [np.random.default_rng(3).integers(3, 320, size=n).tolist() for n in LENGTHS]
@@ -112,7 +112,7 @@ def test_oom_steps_shrink_and_every_request_gets_its_tokens_alone(
     assert scheduler.num_preemptions > 0
     sizes = step_tokens(recorder)
     assert sizes[0] == sum(LENGTHS) and max(sizes) > OOM_OVER  # attempted, ran out of memory
-    oom = [r for r in caplog.records if r.name == "rocmforge.engine.llm_engine" and "out of memory" in r.message]
+    oom = [r for r in caplog.records if r.name == "rocmforge.engine.recovery" and "out of memory" in r.message]
     assert oom and all(r.levelno == logging.WARNING for r in oom)
     assert oom[0].message.startswith(f"out of memory on cpu running a step of {len(PROMPTS)} requests")
     assert "preempted" in oom[0].message
@@ -257,6 +257,8 @@ def test_real_cpu_allocation_failures_are_recognised(
 def test_other_runtime_errors_are_not_out_of_memory(
     make_llm: Callable[..., LLM], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Not an out-of-memory error: no smaller step, no retry. The request fails alone (the
+    device passes its probe) and the step does not raise."""
     llm = make_llm()
     error = RuntimeError("shape mismatch in a kernel")
 
@@ -264,11 +266,37 @@ def test_other_runtime_errors_are_not_out_of_memory(
         raise error
 
     monkeypatch.setattr(llm.engine.runner, "_execute", failing)
+    recorder = StepRecorder(llm)
     llm.engine.add_request("a", PROMPTS[1], params(1))
+    [output] = llm.engine.step()
+    assert (output.request_id, output.finish_reason) == ("a", "error")
+    assert output.error == "RuntimeError: shape mismatch in a kernel"
+    assert len(recorder.steps) == 1  # not re-run: it was alone already
+    assert_pool_idle(llm)
+
+
+def test_a_step_raises_only_when_the_device_probe_fails_too(
+    make_llm: Callable[..., LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request fails alone and the probe, a pass with no request, fails as well: the
+    device is at fault, the probe's error leaves step() (the AsyncEngine counts those)."""
+    llm = make_llm()
+    runner = llm.engine.runner
+    monkeypatch.setattr(runner, "_execute", lambda scheduled: (_ for _ in ()).throw(RuntimeError("device gone")))
+    probe_error = RuntimeError("device gone (probe)")
+
+    def failing_probe() -> None:
+        raise probe_error
+
+    monkeypatch.setattr(runner, "probe", failing_probe)
+    for rid in ("a", "b"):
+        llm.engine.add_request(rid, PROMPTS[1], params(1))
     with pytest.raises(RuntimeError) as info:
         llm.engine.step()
-    assert info.value is error
-    llm.engine.abort("a")
+    assert info.value is probe_error and str(info.value.__cause__) == "device gone"
+    for rid in ("a", "b"):
+        assert llm.engine.abort(rid, FinishReason.ERROR)
+    assert_pool_idle(llm)
 
 
 # --- the scheduler's side of the out-of-memory back-off ------------------------------------------
@@ -276,7 +304,7 @@ def test_other_runtime_errors_are_not_out_of_memory(
 
 def _scheduler(**kw: Any) -> Scheduler:
     return Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256),
-                     CacheConfig(block_size=4, num_blocks=256), **kw)
+                     CacheConfig(block_size=4), 256, **kw)
 
 
 def _request(rid: str, n: int) -> Request:
@@ -341,13 +369,13 @@ def test_lowered_limits_double_back_after_successful_steps() -> None:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The backoff waits the engine takes (they still happen)."""
     recorded: list[float] = []
-    real_sleep = llm_engine_module.time.sleep
+    real_sleep = recovery_module.time.sleep
 
     def sleep(seconds: float) -> None:
         recorded.append(seconds)
         real_sleep(seconds)
 
-    monkeypatch.setattr(llm_engine_module.time, "sleep", sleep)
+    monkeypatch.setattr(recovery_module.time, "sleep", sleep)
     return recorded
 
 
@@ -371,17 +399,16 @@ def test_transient_errors_are_retried_and_change_nothing(
 def test_transient_errors_beyond_the_bound_fail_the_batch(
     make_llm: Callable[..., LLM], solo: list[Completion], sleeps: list[float]
 ) -> None:
-    """1 + K attempts of the batch, then each request alone (one attempt each): with that many
-    failures the step fails (the AsyncEngine fails its batch); the engine goes on."""
+    """1 + K attempts of the batch, then each request alone (one attempt each): both fail,
+    the device probe passes (the faults are spent), so they fail and the engine goes on."""
     llm = make_llm(enable_prefix_caching=False, faults=FaultInjection(transient=1 + K + 2))
     engine = llm.engine
     engine.add_request("a", PROMPTS[1], params(1))
     engine.add_request("b", PROMPTS[3], params(3))
-    with pytest.raises(DeviceError, match=f"injected transient device error {1 + K} of {K + 3}"):
-        engine.step()
+    outputs = {o.request_id: o for o in engine.step()}
+    assert {rid: o.finish_reason for rid, o in outputs.items()} == {"a": "error", "b": "error"}
+    assert f"injected transient device error {K + 2} of {K + 3}" in (outputs["a"].error or "")
     assert sleeps == BACKOFFS
-    engine.abort("a")
-    engine.abort("b")
     assert_pool_idle(llm)
     # The faults are spent: the next request runs as if nothing happened.
     assert run_engine(llm, {"c": (PROMPTS[5], params(5))})["c"] == (solo[5].token_ids, "length", None)

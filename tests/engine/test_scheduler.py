@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from rocmforge.errors import (
@@ -101,7 +101,8 @@ def req(prompt: list[int], max_tokens: int = 8, eos: Sequence[int] = (), **kw) -
 
 
 def make(num_blocks=64, block_size=4, caching=True, **kw) -> tuple[Scheduler, FakeRunner]:
-    sched = Scheduler(SchedulerConfig(**kw), CacheConfig(block_size, num_blocks, caching))
+    kw.setdefault("max_model_len", 8192)
+    sched = Scheduler(SchedulerConfig(**kw), CacheConfig(block_size, caching), num_blocks)
     return sched, FakeRunner(sched)
 
 
@@ -247,7 +248,8 @@ def test_cancel_frees_blocks_at_once() -> None:
     assert sched.block_manager.num_free_blocks == 16 and running.block_ids == []
     assert sched.update(out, result) == []
     assert not sched.has_unfinished() and running.num_output_tokens == 1
-    sched.finish_request(running.request_id, FinishReason.ERROR)  # idempotent
+    with pytest.raises(RequestNotFoundError):  # finished: forgotten, its reason unchanged
+        sched.finish_request(running.request_id, FinishReason.ERROR)
     assert running.finish_reason is FinishReason.CANCELLED
     assert out.finished_request_ids == [waiting.request_id]
     assert sched.schedule().finished_request_ids == [running.request_id]
@@ -280,33 +282,42 @@ def test_admission_errors() -> None:
         sched.add_request(req([1]))
 
 
-def test_status_queries_and_history() -> None:
-    sched = Scheduler(SchedulerConfig(max_num_seqs=1), CacheConfig(4, 32), finished_history=2)
+def test_status_queries_and_finished_requests_are_forgotten() -> None:
+    """The scheduler keeps no history: a request it finished is handed back by ``update``
+    once and is then unknown (the async engine's status board keeps finished statuses)."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_model_len=8192), CacheConfig(4), 32)
     runner = FakeRunner(sched)
     reqs = [req([7, 8], max_tokens=1) for _ in range(3)]
     for r in reqs:
         sched.add_request(r)
     assert [sched.queue_position(r.request_id) for r in reqs] == [0, 1, 2]
     step(sched, runner)
-    assert reqs[0].is_finished and sched.queue_position(reqs[0].request_id) is None
+    assert reqs[0].is_finished
     assert [sched.queue_position(r.request_id) for r in reqs[1:]] == [0, 1]
-    drain(sched, runner)
     with pytest.raises(RequestNotFoundError):
-        sched.get_request(reqs[0].request_id)  # dropped from the bounded history
-    assert sched.get_request(reqs[2].request_id).finish_reason is FinishReason.LENGTH
+        sched.get_request(reqs[0].request_id)  # finished in the step above: forgotten
+    assert not sched.is_live(reqs[0].request_id) and sched.is_live(reqs[1].request_id)
+    drain(sched, runner)
+    assert reqs[2].finish_reason is FinishReason.LENGTH
+    assert not any(sched.is_live(r.request_id) for r in reqs)
+    assert not sched.has_unfinished()
     with pytest.raises(RequestNotFoundError):
         sched.queue_position("nope")
+    with pytest.raises(RequestNotFoundError):
+        sched.finish_request(reqs[2].request_id, FinishReason.CANCELLED)  # not live any more
 
 
 def test_config_validation() -> None:
-    for bad in ({"block_size": 3}, {"block_size": 512}, {"num_blocks": 0}, {"block_size": True}):
+    for bad in ({"block_size": 3}, {"block_size": 512}, {"kv_cache_memory": 0}, {"block_size": True}):
         with pytest.raises(ConfigError):
             CacheConfig(**bad)
     for bad in ({"max_num_seqs": 0}, {"max_num_seqs": 8, "max_num_batched_tokens": 4}):
         with pytest.raises(ConfigError):
             SchedulerConfig(**bad)
     with pytest.raises(ConfigError):
-        Scheduler(SchedulerConfig(), CacheConfig())
+        Scheduler(SchedulerConfig(), CacheConfig(), 16)  # max_model_len not resolved
+    with pytest.raises(ConfigError):
+        Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(), 0)
 
 
 # --- property test: random interleavings on small pools ------------------------------------
@@ -359,10 +370,13 @@ def test_random_interleavings_keep_the_pool_consistent(
             step(sched, runner)
         elif accepted:
             target = accepted[op[1] % len(accepted)]
-            if not target.is_finished:
-                ended_early.add(target.request_id)
             reason = FinishReason.CANCELLED if op[0] == "cancel" else FinishReason.STOP
-            sched.finish_request(target.request_id, reason)
+            if target.is_finished:  # forgotten by the scheduler
+                with pytest.raises(RequestNotFoundError):
+                    sched.finish_request(target.request_id, reason)
+            else:
+                ended_early.add(target.request_id)
+                assert sched.finish_request(target.request_id, reason) is target
             assert target.is_finished and target.block_ids == []
         sched.block_manager.check_invariants(sched.running)
         assert all(not r.block_ids for r in sched.waiting)

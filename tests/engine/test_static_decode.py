@@ -15,7 +15,7 @@ from tiny_engine import TinyModel
 
 from rocmforge import SamplingParams
 from rocmforge.attention import get_backend
-from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from rocmforge.engine.llm_engine import LLMEngine
 from rocmforge.engine.model_runner import ModelRunner
@@ -39,7 +39,7 @@ def make_engine(tiny_model: TinyModel, *, backend: str, static_decode: bool, max
                          static_decode=static_decode, max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
     scheduler = Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=MAX_MODEL_LEN),
-        CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS),
+        CacheConfig(block_size=BLOCK_SIZE), NUM_BLOCKS,
     )
     return LLMEngine(runner, tokenizer, scheduler)
 
@@ -166,3 +166,39 @@ def test_a_failed_capture_leaves_decode_eager(tiny_model: TinyModel, caplog: pyt
     while engine.has_unfinished():
         tokens += [t for output in engine.step() for t in output.new_token_ids]
     assert len(tokens) == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_profile_step_runs_the_largest_step_inside_its_pool(tiny_model: TinyModel, backend: str) -> None:
+    """What a GPU measures before its KV pool exists: a prefill of the whole token budget (the
+    profiling pool holds exactly it), every sampler feature, prompt logprobs of the chunk and
+    the largest padded decode step, writing nothing but that pool and the scratch block."""
+    runner = make_engine(tiny_model, backend=backend, static_decode=True).runner
+    tokens = (NUM_BLOCKS - 2) * BLOCK_SIZE - 3  # not a whole number of blocks
+    runner.profile_step(tokens, num_seqs=6)
+    used = -(-tokens // BLOCK_SIZE)
+    for k_cache, v_cache in runner.kv_caches:
+        assert k_cache[used - 1].any() and not k_cache[used:NUM_BLOCKS].any() and not v_cache[used:NUM_BLOCKS].any()
+    with pytest.raises(ValueError, match="needs 49 blocks"):
+        runner.profile_step(NUM_BLOCKS * BLOCK_SIZE + 1, num_seqs=6)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        runner.measure_workspace(tokens, 6)
+
+
+@pytest.mark.gpu
+def test_the_gpu_pool_is_sized_from_a_measured_step(tiny_model: TinyModel) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA/ROCm GPU")
+    from rocmforge import LLM
+
+    llm = LLM(tiny_model.path, device="cuda", max_num_batched_tokens=512, max_num_seqs=8)
+    plan = llm.memory_plan
+    assert plan.workspace_bytes > 0 and plan.num_blocks > 0
+    # The measured workspace covers what a full step allocates: run one and compare.
+    runner = llm.engine.runner
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    runner.profile_step(512, 8)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= plan.workspace_bytes

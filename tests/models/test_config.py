@@ -63,6 +63,31 @@ def test_inconsistent_metadata(key: str, value: object, message: str) -> None:
         ModelConfig.from_gguf_metadata({**BASE, key: value}, vocab_size=100)
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("llama.context_length", 1, r"'llama\.context_length' must be an integer of at least 2, got 1"),
+        ("llama.rope.freq_base", float("inf"), r"'llama\.rope\.freq_base' must be a positive number, got inf"),
+        ("llama.attention.head_count_kv", 3, r"'llama\.attention\.head_count' = 4 is not a multiple of "
+                                             r"'llama\.attention\.head_count_kv' = 3"),
+        ("llama.embedding_length", 66, r"'llama\.embedding_length' = 66 is not a multiple of "
+                                       r"'llama\.attention\.head_count'"),
+        ("llama.attention.value_length", 8, r"'llama\.attention\.value_length' differs from the head dimension 16"),
+        ("llama.rope.dimension_count", 8, r"'llama\.rope\.dimension_count' other than the head dimension 16 = "
+                                          r"'llama\.embedding_length' / 'llama\.attention\.head_count'"),
+    ],
+)
+def test_errors_name_the_full_key_and_refuse_values_nothing_can_run(key: str, value: object, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        ModelConfig.from_gguf_metadata({**BASE, key: value}, vocab_size=100)
+
+
+def test_a_whole_array_where_a_number_is_due_is_cut_short_in_the_message() -> None:
+    with pytest.raises(ModelLoadError, match="block_count") as caught:
+        ModelConfig.from_gguf_metadata({**BASE, "llama.block_count": list(range(100_000))}, vocab_size=100)
+    assert len(caught.value.message) < 200
+
+
 def test_unknown_architecture() -> None:
     with pytest.raises(UnsupportedArchitectureError, match="gpt-neox"):
         ModelConfig.from_gguf_metadata({**BASE, "general.architecture": "gpt-neox"}, vocab_size=100)

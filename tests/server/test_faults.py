@@ -26,7 +26,8 @@ from rocmforge.engine.request import FinishReason
 from rocmforge.errors import ConfigError, DeviceError
 from rocmforge.llm import LLM
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.settings import FaultInjection, Settings
+from rocmforge.settings import Settings
+from rocmforge.testing.fault_spec import FaultInjection
 
 OK_TOKENS = 300
 """With ``ignore_eos``: long enough to still run when the faulty request arrives."""
@@ -104,18 +105,36 @@ def test_runner_fails_only_the_faulty_request_of_a_batch(faulty_llm: LLM) -> Non
     assert faulty_llm.engine.scheduler.block_manager.num_free_blocks == faulty_llm.engine.runner.num_blocks
 
 
-def test_a_batch_failing_as_a_whole_raises(faulty_llm: LLM) -> None:
-    """Every request fails alone too: the device, not a request, is at fault; the step raises
-    (the AsyncEngine's step-failure policy takes over) and nothing is left half-done."""
+def test_a_batch_whose_requests_all_fail_alone_fails_them_and_goes_on(faulty_llm: LLM) -> None:
+    """Every request fails alone too, but the device passes its probe (a pass with no
+    request): the requests are at fault, they fail; the step does not raise."""
     engine = faulty_llm.engine
     prompt = faulty_llm.tokenize("Hello", add_special=True)
     for rid in ("boom-x", "boom-y"):
         engine.add_request(rid, prompt, SamplingParams(max_tokens=4))
-    with pytest.raises(Exception, match="injected forward fault"):
-        engine.step()
-    for rid in ("boom-x", "boom-y"):
-        engine.abort(rid, FinishReason.ERROR)
+    outputs = {o.request_id: o for o in engine.step()}
+    assert {rid: o.finish_reason for rid, o in outputs.items()} == {"boom-x": "error", "boom-y": "error"}
     assert not engine.has_unfinished()
+    assert engine.scheduler.block_manager.num_free_blocks == engine.runner.num_blocks
+
+
+def test_a_lost_device_makes_the_step_raise(tiny_gguf: Path) -> None:
+    """``device_lost``: from the first pass holding the request on, every pass and every
+    probe fails: no request is to blame, the step raises (the AsyncEngine counts it)."""
+    llm = LLM(tiny_gguf, device="cpu", dtype="float32", kv_cache_memory=8 << 20,
+              faults=FaultInjection(device_lost=("lose",)))
+    engine = llm.engine
+    prompt = llm.tokenize("Hello", add_special=True)
+    engine.add_request("lose-1", prompt, SamplingParams(max_tokens=4))
+    engine.add_request("ok-1", prompt, SamplingParams(max_tokens=4))
+    with pytest.raises(DeviceError, match="injected device loss since request 'lose-1'"):
+        engine.step()
+    for rid in ("lose-1", "ok-1"):
+        assert engine.abort(rid, FinishReason.ERROR)
+    engine.add_request("ok-2", prompt, SamplingParams(max_tokens=4))  # the device stays lost
+    with pytest.raises(DeviceError):
+        engine.step()
+    assert engine.abort("ok-2", FinishReason.ERROR)
 
 
 # --- a real server: forward_error and gpu_init ----------------------------------------------------------
@@ -199,6 +218,44 @@ def test_a_failing_request_gets_an_error_while_the_others_complete(faulty_server
         assert client.get("/ready").status_code == 200
         after = client.post("/generate", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
         assert after.status_code == 200 and after.json()["num_generated_tokens"] == 3
+
+
+def test_requests_that_fail_alone_in_a_row_never_kill_the_engine(faulty_server: Server) -> None:
+    """Each ``boom`` request is alone in its steps and fails every pass: one after the other,
+    more of them than ``max_consecutive_failures``, each gets its 500 and the engine lives
+    (the device passes its probe: the requests, not the device, are at fault)."""
+    with httpx.Client(base_url=faulty_server.url, timeout=HTTP_TIMEOUT) as client:
+        for i in range(5):
+            failed = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2},
+                                 headers={"X-Request-Id": f"boom-alone-{i}"})
+            assert_error_shape(failed, 500, "model_execution_failed")
+        assert client.get("/health").json()["status"] == "ok"
+        after = client.post("/generate", json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        assert after.status_code == 200 and after.json()["num_generated_tokens"] == 3, after.text
+    assert "engine dead" not in faulty_server.log()
+
+
+def test_a_lost_device_kills_the_engine_after_a_few_steps(
+    tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """``device_lost``: every pass and every probe fails from then on; no request is to blame,
+    so after ``max_consecutive_failures`` such steps the engine is dead, /health says so, and
+    SIGTERM still exits 0."""
+    server = spawn_server(tiny_gguf, tmp_path_factory.mktemp("lost-device"),
+                          env={"ROCMFORGE_FAULT_INJECT": "device_lost:lose"})
+    try:
+        wait_ready(server)
+        with httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+            first = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "lose-1"})
+            assert_error_shape(first, 500)
+            codes = [client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code for _ in range(3)]
+            assert codes[-1] == 503, codes
+            health = client.get("/health")
+            assert health.status_code == 503 and "3 engine steps failed in a row" in health.json()["checks"]["engine_loop"]
+            assert_error_shape(client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}), 503, "engine_dead")
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0, server.log()
 
 
 # --- a real server: forward_fatal ---------------------------------------------------------------

@@ -28,9 +28,11 @@ from rocmforge import LLM
 from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.logs import RequestContextFilter
 from rocmforge.server.app import create_app
-from rocmforge.server.state import ServerConfig, ServerState
+from rocmforge.config import ServerConfig
+from rocmforge.server.state import ServerState
 from rocmforge.server.tracing import OTLP_EXPORTERS, Tracing, setup_tracing, tracing_from_settings
-from rocmforge.settings import FaultInjection, Settings
+from rocmforge.settings import Settings
+from rocmforge.testing.fault_spec import FaultInjection
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
 
 SPEC = SyntheticSpec(tie_embeddings=False)

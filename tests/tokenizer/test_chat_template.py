@@ -112,7 +112,7 @@ def test_sandbox_escapes_are_refused(source: str) -> None:
         "{{ messages[0].content + 1 }}",
         "{{ 1 / 0 }}",
         "{{ undefined_thing.attr }}",
-        "{{ range(10 ** 9) | list | length }}",
+        "{{ range(1, 2, 0) }}",
     ],
 )
 def test_runtime_errors(source: str) -> None:

@@ -169,3 +169,15 @@ def test_bad_config_flag(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": "yes"}))
     with pytest.raises(TokenizerError, match="add_bos_token"):
         Tokenizer.from_file(path)
+
+
+def test_truncation_and_padding_in_the_file_are_ignored(tmp_path: Path) -> None:
+    path = _spm_file(tmp_path)
+    backend = HFTokenizer.from_file(str(path))
+    backend.enable_truncation(max_length=2)
+    backend.enable_padding(length=8, pad_id=0, pad_token="<unk>")
+    backend.save(str(path))
+    tokenizer = Tokenizer.from_file(path)
+    hi = tokenizer.token_to_id("▁hi")
+    assert tokenizer.encode("hi hi hi") == [hi, hi, hi]  # not cut to 2
+    assert tokenizer.encode("hi") == [hi]  # not padded to 8

@@ -25,9 +25,11 @@ from rich.console import Console
 from rich.table import Table
 
 from rocmforge import __version__
+from rocmforge.cli.config_options import with_config_options
+from rocmforge.config import ENGINE_PARTS, ServerConfig
 from rocmforge.errors import ConfigError, ModelNotFoundError, RequestNotFoundError, RocmForgeError
 from rocmforge.logs import JsonFormatter, setup_logging
-from rocmforge.settings import Settings, load_settings
+from rocmforge.settings import SettingsBase, load_settings
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 
@@ -133,13 +135,11 @@ def inspect(
 
 
 @app.command()
+@with_config_options(*ENGINE_PARTS.values())
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to complete.")],
     gguf: Annotated[
         str | None, typer.Option("--gguf", help="Run locally on this GGUF file or known model name.")
-    ] = None,
-    tokenizer: Annotated[
-        Path | None, typer.Option("--tokenizer", help="HF tokenizer.json override [env: ROCMFORGE_TOKENIZER].")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 is greedy.")] = 0.7,
@@ -148,13 +148,11 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = None,
-    weight_format: Annotated[
-        str | None, typer.Option("--weight-format", help="auto | dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")
-    ] = None,
+    *,
+    config: dict[str, Any],
 ) -> None:
-    """Generate text: through the server (--host), or locally when --gguf names a model."""
+    """Generate text: through the server (--host), or locally when --gguf names a model (the
+    engine options apply to local runs)."""
     from rocmforge.sampling_params import SamplingParams
 
     if gguf is None:
@@ -162,7 +160,7 @@ def generate(
                 "top_p": top_p, "seed": seed}
         _generate_remote(body, chat=chat, stream=stream)
         return
-    settings = load_settings(gguf=gguf, tokenizer=tokenizer, device=device, dtype=dtype, weight_format=weight_format)
+    settings = load_settings(gguf=gguf, **config)
     llm = _load(settings)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if chat:
@@ -177,19 +175,12 @@ def generate(
 
 
 @app.command()
+@with_config_options(*ENGINE_PARTS.values(), ServerConfig)
 def serve(
     gguf: Annotated[str | None, typer.Option("--gguf", help="GGUF file or known model name [env: ROCMFORGE_GGUF].")] = None,
     addr: Annotated[str | None, typer.Option("--addr", help="HOST:PORT to bind [env: ROCMFORGE_ADDR; default 127.0.0.1:8080].")] = None,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="HF tokenizer.json override [env: ROCMFORGE_TOKENIZER].")] = None,
-    api_key: Annotated[str | None, typer.Option("--api-key", help="Require this Bearer key [env: ROCMFORGE_API_KEY].")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N [env: ROCMFORGE_DEVICE].")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 [env: ROCMFORGE_DTYPE].")] = None,
-    weight_format: Annotated[str | None, typer.Option("--weight-format", help="auto | dense | quantized [env: ROCMFORGE_WEIGHT_FORMAT].")] = None,
-    max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs", help="Most requests decoded together [env: ROCMFORGE_MAX_NUM_SEQS].")] = None,
-    max_waiting: Annotated[int | None, typer.Option("--max-waiting", help="Queue capacity; beyond it 429 [env: ROCMFORGE_MAX_WAITING].")] = None,
-    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Context window [env: ROCMFORGE_MAX_MODEL_LEN].")] = None,
-    model_name: Annotated[str | None, typer.Option("--model-name", help="Model id shown to clients [env: ROCMFORGE_MODEL_NAME].")] = None,
-    shutdown_timeout: Annotated[float | None, typer.Option("--shutdown-timeout", min=0, help="Seconds in-flight requests get after SIGTERM/SIGINT [env: ROCMFORGE_SHUTDOWN_TIMEOUT; default 30].")] = None,
+    *,
+    config: dict[str, Any],
 ) -> None:
     """Serve a model over HTTP (native and OpenAI-compatible APIs).
 
@@ -199,15 +190,13 @@ def serve(
     from rocmforge.server.serve import Address, build_state
     from rocmforge.server.serve import serve as run_server
 
-    settings = load_settings(
-        gguf=gguf, addr=addr, tokenizer=tokenizer, api_key=api_key or _State.api_key, device=device, dtype=dtype,
-        weight_format=weight_format, max_num_seqs=max_num_seqs, max_waiting=max_waiting, max_model_len=max_model_len,
-        model_name=model_name, shutdown_timeout=shutdown_timeout,
-    )
+    if "api_key" not in config and _State.api_key:
+        config["api_key"] = _State.api_key
+    settings = load_settings(gguf=gguf, addr=addr, **config)
     address = Address.parse(settings.addr)
     state = _with_progress(lambda progress: build_state(settings, progress))
     where = state.device if state.device_fallback is None else f"{state.device} (GPU fallback: {state.device_fallback})"
-    _notice(f"serving {state.config.model_name} on http://{address.host}:{address.port}, device {where}")
+    _notice(f"serving {state.model_name} on http://{address.host}:{address.port}, device {where}")
     run_server(state, address)
     logging.shutdown()  # flush every handler (the log file included) before exiting
     sys.exit(EXIT_OK)
@@ -229,7 +218,7 @@ def _client() -> Any:
     import httpx
 
     settings = load_settings()
-    key = _State.api_key or (settings.api_key.get_secret_value() if settings.api_key else None)
+    key = _State.api_key or settings.server_config().api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=_State.host or settings.host, headers=headers, timeout=httpx.Timeout(600, connect=5))
 
@@ -335,7 +324,7 @@ def _with_progress(build: Any) -> Any:
         return build(lambda done, total: bar.update(task, completed=done, total=total))
 
 
-def _load(settings: Settings) -> Any:
+def _load(settings: SettingsBase) -> Any:
     """Load the model with a progress bar on stderr."""
     from rocmforge.llm import LLM
 
@@ -343,31 +332,37 @@ def _load(settings: Settings) -> Any:
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
-    out.print(f"[bold]{summary['name'] or Path(summary['path']).name}[/bold]  ({summary['architecture']}, GGUF v{summary['gguf_version']})")
+    """The human form of ``inspect``. Names and values come from the file: they are printed as
+    text (``Text``), never read as rich markup."""
+    from rich.text import Text
+
+    title = Text(str(summary["name"] or Path(summary["path"]).name), style="bold")
+    title.append(f"  ({summary['architecture']}, GGUF v{summary['gguf_version']})", style="")
+    out.print(title)
     out.print(
         f"{summary['parameters'] / 1e6:.1f}M parameters, {_size(summary['weight_bytes'])} of weights "
-        f"({summary['bits_per_weight']} bits/weight), file {_size(summary['file_bytes'])}"
+        f"({summary['bits_per_weight']} bits/weight), file {_size(summary['file_bytes'])}", markup=False,
     )
     hyper = summary.get("hyperparameters") or {}
     if hyper:
         table = Table("hyper-parameter", "value", title="model")
         for key, value in hyper.items():
-            table.add_row(key, str(value))
+            table.add_row(Text(key), Text(str(value)))
         out.print(table)
     quant = Table("type", "parameters", "share", "bytes", title="quantization mix")
     for name, row in summary["quantization"].items():
-        quant.add_row(name, f"{row['parameters']:,}", f"{100 * row['fraction']:.1f} %", _size(row["bytes"]))
+        quant.add_row(Text(name), f"{row['parameters']:,}", f"{100 * row['fraction']:.1f} %", _size(row["bytes"]))
     out.print(quant)
     memory = summary.get("memory")
     if memory:
         out.print(
             f"memory: weights {_size(memory['weights_bf16_bytes'])} bf16 / {_size(memory['weights_fp32_bytes'])} fp32; "
             f"KV cache {_size(memory['kv_cache_bytes_per_token_bf16'])}/token bf16, "
-            f"{_size(memory['kv_cache_full_context_bf16_bytes'])} for the full context"
+            f"{_size(memory['kv_cache_full_context_bf16_bytes'])} for the full context", markup=False,
         )
     tensors = Table("tensor", "type", "shape", "bytes", title=f"{len(summary['tensors'])} tensors")
     for t in summary["tensors"]:
-        tensors.add_row(t["name"], t["type"], "x".join(map(str, t["shape"])), _size(t["bytes"]))
+        tensors.add_row(Text(t["name"]), Text(t["type"]), "x".join(map(str, t["shape"])), _size(t["bytes"]))
     out.print(tensors)
 
 

@@ -118,6 +118,16 @@ class DecodeGraphs:
         logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s",
                     ",".join(map(str, self.sizes)), time.perf_counter() - started)
 
+    def profile(self) -> torch.Tensor:
+        """Run the largest padded step once, eagerly, all rows padding (nothing but the
+        scratch slot is written): what a decode step allocates at its worst, for the memory
+        profile. Returns its logits."""
+        with torch.inference_mode():
+            for buffer in (self.input_ids, self.positions, self.seq_lens, self.block_tables):
+                buffer.zero_()
+            self.slot_mapping.fill_(self.scratch_slot)
+            return self._forward(self.max_batch, self._metadata(self.max_batch))
+
     def run(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         """Logits ``[n, vocab]`` of a step :meth:`accepts` took. The result is a view of
         the graph's output: read it before the next call."""

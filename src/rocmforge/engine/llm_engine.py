@@ -6,24 +6,29 @@ Out: :class:`~rocmforge.outputs.RequestOutput` per request that made progress in
 It owns the scheduler (integers), the model runner (tensors) and one detokenizer per live
 request; the async server engine and ``rocmforge.LLM`` both drive this class.
 
-A step whose forward pass fails is recovered from here, by the rules of
-:mod:`rocmforge.engine.recovery`: out of device memory, the scheduler shrinks the step and it
-is scheduled and run again; a transient error, the same step runs again after a backoff;
-``step()`` raises only what those (bounded) retries and the runner's isolation could not cure.
+A step whose forward pass fails is recovered by the rules of :mod:`rocmforge.engine.recovery`
+(shrink after out-of-memory, retry transient errors, run requests one at a time, probe the
+device): a bad request fails alone; ``step()`` raises only when the device is at fault (its
+probe fails too) or for a fatal error. Building a request's output (detokenizing, stop
+strings) fails that request alone too.
+
+Validation: :meth:`add_request` checks every token id it is given (prompt, stop tokens)
+against the vocabulary, so no request can carry an id the model cannot embed or the
+detokenizer cannot decode.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rocmforge.engine.detokenizer import DetokenizerUpdate, IncrementalDetokenizer
 from rocmforge.engine.model_runner import ModelRunner
-from rocmforge.engine.recovery import RecoveryPolicy
+from rocmforge.engine.recovery import RecoveryPolicy, run_step
 from rocmforge.engine.request import FinishReason, Request
-from rocmforge.engine.scheduler import RunnerOutput, Scheduler, SchedulerOutput
-from rocmforge.errors import DeviceOutOfMemoryError, RocmForgeError
+from rocmforge.engine.scheduler import Scheduler
+from rocmforge.errors import InvalidRequestError
 from rocmforge.outputs import RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.tokenizer import Tokenizer
@@ -55,10 +60,31 @@ class LLMEngine:
         """Retry bounds for failed steps; assign another policy to change them."""
         self._live: dict[str, _Live] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    @property
+    def vocab_size(self) -> int:
+        """Token ids ``[0, vocab_size)`` are valid everywhere ids are accepted."""
+        return min(self.tokenizer.vocab_size, self.runner.vocab_size)
+
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """What :meth:`add_request` checks about the request itself (not the engine's state):
+        the prompt is a non-empty list of ids in the vocabulary, the stop token ids are in it,
+        and prompt + ``max_tokens`` fit the context window. Returns the prompt as a list.
+        Raises :class:`InvalidRequestError` / ``ContextLengthExceededError``. It reads only
+        what never changes after construction, so any thread may call it (the async engine
+        does, on the event loop, before posting a submit)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", param="params")
+        ids = check_token_ids(prompt_token_ids, self.vocab_size, "prompt")
+        check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids", allow_empty=True)
+        self.scheduler.check_length(len(ids), params.max_tokens)
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
+        """Queue a request (validated: :meth:`check_request`). Raises the scheduler's admission
+        errors too (a duplicate id, a full queue)."""
         request = Request(
             request_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
+            prompt_token_ids=self.check_request(prompt_token_ids, params),
             params=params,
             eos_token_ids=self.tokenizer.stop_ids,
         )
@@ -66,16 +92,26 @@ class LLMEngine:
         self._live[request_id] = _Live(request, IncrementalDetokenizer(self.tokenizer, params))
         return request
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
-        """Finish a request now (client cancel, error); frees its KV blocks before the next step."""
-        self.scheduler.finish_request(request_id, reason)
+    def is_live(self, request_id: str) -> bool:
+        return self.scheduler.is_live(request_id)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED, error: str | None = None) -> bool:
+        """Finish a live request now (client cancel, error); frees its KV blocks before the
+        next step. True if it was live; otherwise (unknown, finished already, or finished
+        inside a step that then failed) only its engine-side bookkeeping is dropped."""
+        live = self.scheduler.is_live(request_id)
+        if live:
+            self.scheduler.finish_request(request_id, reason, error)
         self._forget(request_id)
+        return live
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        executed = self._schedule_and_execute()
+        """One step: schedule, execute (recovering as :mod:`~rocmforge.engine.recovery` says),
+        update, detokenize. Raises only what recovery raises (a device at fault, a fatal error)."""
+        executed = run_step(self.scheduler, self.runner, self.recovery)
         if executed is None:
             return []
         out, result = executed
@@ -86,64 +122,28 @@ class LLMEngine:
             del known[start:]
             known.extend(entries)
         updated = self.scheduler.update(out, result)
-        return [self._output(request, result.logprobs.get(request.request_id)) for request in updated]
+        return [self._output_or_fail(request, result.logprobs.get(request.request_id)) for request in updated]
 
-    def _schedule_and_execute(self) -> tuple[SchedulerOutput, RunnerOutput] | None:
-        """``schedule()`` then ``runner.execute()``; out of device memory, shrink the step and
-        schedule again (bounded). None when there is nothing to run."""
-        policy = self.recovery
-        retry = 0
-        while True:
-            out = self.scheduler.schedule()
-            if not out.scheduled:
-                return None
-            try:
-                return out, self._execute(out)
-            except DeviceOutOfMemoryError as exc:
-                if retry == policy.max_oom_retries:
-                    logger.error("still out of memory after %d smaller steps: the step fails", retry)
-                    raise
-                preempted = self.scheduler.shrink_after_oom(out)
-                if preempted is None:  # one request, one token: it does not fit even alone
-                    return out, self._fail_alone(out, exc)
-                limits = self.scheduler.step_limits
-                logger.warning(
-                    "%s; preempted %d requests, retrying with at most %d requests / %d tokens (retry %d of %d)",
-                    exc.message, len(preempted), limits.max_num_seqs, limits.max_num_batched_tokens,
-                    retry + 1, policy.max_oom_retries,
-                )
-                retry += 1
-
-    def _execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """``runner.execute(out)``, re-run after transient errors with backoff (bounded), then
-        handed to the runner's isolation path."""
-        policy = self.recovery
-        retry = 0
-        while True:
-            try:
-                return self.runner.execute(out)
-            except RocmForgeError as exc:
-                if not exc.is_transient():
-                    raise
-                if retry == policy.max_transient_retries:
-                    logger.error("a step of %d requests failed %d times with transient errors (last: %s): "
-                                 "isolating its requests", len(out.scheduled), retry + 1, exc)
-                    return self.runner.execute_isolated(out, exc)
-                delay = policy.backoff_s(retry)
-                logger.warning("transient error in a step of %d requests (%s: %s): retry %d of %d in %.0f ms",
-                               len(out.scheduled), type(exc).__name__, exc, retry + 1,
-                               policy.max_transient_retries, delay * 1e3)
-                time.sleep(delay)
-                retry += 1
-
-    def _fail_alone(self, out: SchedulerOutput, exc: DeviceOutOfMemoryError) -> RunnerOutput:
-        """The step held one request computing one token and still ran out of memory: that
-        request fails (``update`` finishes it with ``error``); the engine goes on."""
-        [item] = out.scheduled
-        rid = item.request.request_id
-        message = f"{exc.message} (the request does not fit in device memory even alone)"
-        logger.error("request %s failed: %s", rid, message, extra={"request_id": rid})
-        return RunnerOutput(sampled={}, failed={rid: f"{type(exc).__name__}: {message}"})
+    def _output_or_fail(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
+        """:meth:`_output`; a request whose output cannot be built (its token does not
+        detokenize) fails alone with the reason."""
+        try:
+            return self._output(request, logprobs)
+        except Exception as exc:  # one request's data: it fails, the step goes on
+            rid = request.request_id
+            logger.exception("building the output of request %s failed", rid, extra={"request_id": rid})
+            error = f"{type(exc).__name__}: {exc}"
+            if self.scheduler.is_live(rid):
+                self.scheduler.finish_request(rid, FinishReason.ERROR, error)
+            else:
+                request.finish_reason, request.error = FinishReason.ERROR, error
+            live = self._live.get(rid)
+            self._forget(rid)
+            return RequestOutput(request_id=rid, new_token_ids=[], delta_text="",
+                                 text=live.detokenizer.text if live is not None else "", finished=True,
+                                 finish_reason=FinishReason.ERROR.value, error=error,
+                                 num_prompt_tokens=request.num_prompt_tokens,
+                                 num_output_tokens=request.num_output_tokens)
 
     def _output(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         """Detokenize a request's new token, apply stop strings, and package the step's output."""
@@ -186,3 +186,21 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._live.pop(request_id, None)
         self.runner.release(request_id)
+
+
+def check_token_ids(ids: object, vocab_size: int, param: str, *, allow_empty: bool = False) -> list[int]:
+    """``ids`` as a list of ints in ``[0, vocab_size)``; :class:`InvalidRequestError` naming
+    ``param`` otherwise (an id out of range would crash the embedding lookup or the
+    detokenizer)."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidRequestError(f"{param} must be a list of token ids", param=param)
+    result = list(ids)
+    if not result and not allow_empty:
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    for token in result:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise InvalidRequestError(f"{param} must be a list of token ids", param=param)
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(f"token id {token} in {param} is outside the vocabulary [0, {vocab_size})",
+                                      param=param)
+    return result

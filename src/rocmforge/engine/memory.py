@@ -2,8 +2,10 @@
 
 In: byte counts only — the device's free and total memory (read by the caller with
 ``torch.cuda.mem_get_info`` once the weights are placed), what the weights hold, the
-activation workspace estimate (:func:`activation_workspace_bytes`) and the bytes of one KV
-block. Out: a :class:`MemoryPlan` (how many KV blocks, and the breakdown logged at start-up
+activation workspace (on a GPU measured by profiling the largest step before the KV pool
+exists, :func:`measured_workspace_bytes`; on the CPU the estimate
+:func:`activation_workspace_bytes`) and the bytes of one KV block. Out: a :class:`MemoryPlan`
+(how many KV blocks, and the breakdown logged at start-up
 and shown by ``/health``), or a :class:`~rocmforge.errors.DeviceOutOfMemoryError` that says
 how much the model needs and how much the device has.
 
@@ -34,7 +36,6 @@ from rocmforge.device import format_bytes
 from rocmforge.errors import ConfigError, DeviceOutOfMemoryError
 from rocmforge.models.config import ModelConfig
 
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.90
 MIN_CONTEXT_TOKENS = 256
 """The smallest context a pool may shrink to before the model counts as not fitting."""
 _FRAGMENTATION = 1.25
@@ -47,7 +48,8 @@ class MemoryPlan:
     weight_bytes: int
     """Bytes of the weights as placed (quantized blocks count at their GGUF size)."""
     workspace_bytes: int
-    """Activation workspace kept free for the largest step (estimate)."""
+    """Activation workspace kept free for the largest step (measured on a GPU, estimated on
+    the CPU)."""
     reserve_bytes: int
     """Headroom left unplanned: ``(1 - utilization) * total`` on a GPU."""
     block_bytes: int
@@ -76,15 +78,15 @@ def activation_workspace_bytes(
     max_num_seqs: int,
     dtype: torch.dtype,
 ) -> int:
-    """Upper estimate of what one step allocates besides weights and KV cache.
+    """Upper estimate of what one step allocates besides weights and KV cache, on the CPU
+    (a GPU measures it instead: :meth:`ModelRunner.measure_workspace
+    <rocmforge.engine.model_runner.ModelRunner.measure_workspace>`).
 
     Per batched token, live at once inside a decoder layer: the residual stream, its normed
     copy and the layer output (3 x hidden), Q/K/V and the attention output
     (q + 2 kv + q), gate|up and the SwiGLU product (3 x intermediate), plus fp32 RoPE factors.
-    Per step: fp32 logits of every sampling row (and of a whole chunk when prompt logprobs
-    are asked for) with the sampler's two temporaries of that size, the split-K decode
-    workspace of the attention kernel, and the largest weight matrix dequantized for a
-    prefill GEMM (GGUF-block weights on a GPU). Times an allocator-slack factor.
+    Per step: fp32 logits of every sampling row and of a whole chunk (prompt logprobs), with
+    the sampler's two temporaries of that size. Times an allocator-slack factor.
     """
     element = torch.empty((), dtype=dtype).element_size()
     per_token = (
@@ -92,12 +94,13 @@ def activation_workspace_bytes(
     ) * element + config.head_dim * 4
     logits_rows = max_num_seqs + max_num_batched_tokens
     logits = 3 * logits_rows * config.vocab_size * 4
-    # Split-K partitions of the decode kernel: 512 positions each, at most 64
-    # (rocmforge.kernels.paged_attention, not imported here: it needs Triton).
-    partitions = min(-(-config.max_context // 512), 64)
-    decode_split = max_num_seqs * config.num_heads * partitions * (config.head_dim + 2) * 4
-    dense_weight = max(2 * config.intermediate_size, config.vocab_size) * config.hidden_size * element
-    return int((max_num_batched_tokens * per_token + logits + decode_split + dense_weight) * _FRAGMENTATION)
+    return int((max_num_batched_tokens * per_token + logits) * _FRAGMENTATION)
+
+
+def measured_workspace_bytes(peak_bytes: int) -> int:
+    """The workspace a GPU plan keeps free: the profiled peak of the largest step, with the
+    allocator's slack on top."""
+    return int(peak_bytes * _FRAGMENTATION)
 
 
 def check_weights_fit(weight_bytes: int, free_bytes: int, total_bytes: int, device: str) -> None:
@@ -122,7 +125,7 @@ def plan_gpu_kv_cache(
     block_size: int,
     min_tokens: int,
     max_useful_blocks: int,
-    utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    utilization: float,
     kv_cache_memory: int | None = None,
 ) -> MemoryPlan:
     """Size the KV pool from the memory left once the weights are placed (module docstring).

@@ -14,29 +14,15 @@ its logprobs, and prompt logprobs for requests that asked for them).
 Errors at the boundary. torch's device out-of-memory errors (``torch.cuda.OutOfMemoryError``,
 and the CPU allocator's ``RuntimeError`` "can't allocate memory") leave :meth:`execute` as
 :class:`~rocmforge.errors.DeviceOutOfMemoryError` (the torch error as its cause), after the
-allocator's cached blocks are handed back (``torch.cuda.empty_cache()`` on a GPU). An
-out-of-memory error, a transient error (:func:`~rocmforge.errors.is_transient`, e.g. a
-:class:`~rocmforge.errors.DeviceError`) and a fatal error are raised as they are: the engine
-shrinks the batch, retries after a backoff or dies (:mod:`rocmforge.engine.recovery`).
+allocator's cached blocks are handed back (``torch.cuda.empty_cache()`` on a GPU); every other
+exception leaves as it is. What to do about a failed step — shrink it, retry it, re-run its
+requests one at a time, probe the device — is the engine's business
+(:mod:`rocmforge.engine.recovery`); :meth:`probe` is the runner's part of it: one forward pass
+in the scratch block, with no request in it.
 
-Failure isolation. When a batched step raises anything else, the runner re-runs each request
-of the batch alone (the engine also calls :meth:`ModelRunner.execute_isolated` once its
-retries of a transient error are spent): requests that succeed alone get their results as
-usual, requests that fail alone are reported in ``RunnerOutput.failed`` (the scheduler finishes them with ``error``), so one bad
-request does not take its batch-mates down. Re-running is safe: a request's share of the
-step writes the same KV slots with the same values (the failed attempt may have written some
-of them already), and a request the failed attempt had already sampled for is sampled again
-(a seeded request's generator then moves on one draw). If every request fails alone too the
-device, not a request, is at fault: the original error is raised and the engine's step-failure
-policy applies. A fatal error is raised at once, batched or alone.
-
-Fault injection (tests only, ``ROCMFORGE_FAULT_INJECT``; see
-:class:`~rocmforge.settings.FaultInjection`), checked before each forward pass (batched or
-alone): a batch holding a request whose id starts with a ``forward_error`` /
-``forward_fatal`` prefix raises :class:`~rocmforge.errors.ModelExecutionError` /
-:class:`~rocmforge.errors.EngineDeadError`; while ``transient`` passes are left, the pass
-raises a :class:`~rocmforge.errors.DeviceError`; a pass over more than ``oom_over`` batched
-tokens raises the device's own torch out-of-memory error (so the translation above runs).
+Vocabulary: a model's embedding table may have more rows than its tokenizer has tokens
+(padding). Only the tokenizer's ids are sampled (``vocab_size``): the logits of padding rows
+are cut off, so the detokenizer never meets an id it cannot decode.
 """
 
 from __future__ import annotations
@@ -44,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import torch
 
@@ -53,19 +39,11 @@ from rocmforge.device import to_device
 from rocmforge.engine.cuda_graphs import DecodeGraphs
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
-from rocmforge.errors import (
-    DeviceError,
-    DeviceOutOfMemoryError,
-    EngineDeadError,
-    ModelExecutionError,
-    RocmForgeError,
-)
+from rocmforge.errors import DeviceOutOfMemoryError, ModelExecutionError
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.outputs import TokenLogprobs
-
-if TYPE_CHECKING:
-    from rocmforge.settings import FaultInjection
+from rocmforge.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +65,21 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         kv_dtype: torch.dtype,
-        faults: FaultInjection | None = None,
         *,
         static_decode: bool = False,
         max_num_seqs: int = 64,
         max_model_len: int | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         """``static_decode``: run decode-only steps at fixed padded shapes through
         :class:`~rocmforge.engine.cuda_graphs.DecodeGraphs` (captured into CUDA graphs by
         :meth:`capture_decode_graphs` on a GPU; eager on the CPU, for tests), for batches of
-        up to ``max_num_seqs`` requests and contexts of up to ``max_model_len`` tokens."""
+        up to ``max_num_seqs`` requests and contexts of up to ``max_model_len`` tokens.
+        ``vocab_size``: the ids that may be sampled (the tokenizer's; default: every
+        embedding row)."""
         config = model.config
-        self.faults = faults if faults is not None and faults.affects_forward else None
-        self._transient_faults_left = faults.transient if faults is not None else 0
+        self.vocab_size = min(vocab_size or config.vocab_size, config.vocab_size)
+        """Ids ``[0, vocab_size)`` may be sampled; logits of padding rows beyond are cut off."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -133,7 +113,9 @@ class ModelRunner:
         """Run one prefill of ``block_size`` dummy tokens through the model and its head, in
         the scratch block (no request's KV is touched). On a GPU this compiles the Triton
         kernels at start-up and turns a kernel that cannot run on this device into an error
-        at load time rather than in the first request. Returns the logits."""
+        at load time rather than in the first request. Returns the logits.
+
+        Also the engine's device probe (:meth:`probe`): a pass with no request in it."""
         size = self.block_size
         scratch = self.num_blocks
         metadata = AttentionMetadata.build([size], [size], [[scratch]], size, self.device)
@@ -141,6 +123,45 @@ class ModelRunner:
             hidden = self.model(torch.zeros(size, dtype=torch.int64, device=self.device),
                                 torch.arange(size, device=self.device), metadata)
             return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def profile_step(self, num_tokens: int, num_seqs: int) -> None:
+        """The largest step this runner will run, on dummy data, for the memory profile: a
+        prefill of ``num_tokens`` tokens (one sequence over blocks ``0 ..``: the pool must
+        hold them; a profiling runner is discarded afterwards), sampling ``num_seqs`` rows with
+        every filter, penalty and logprob on, prompt logprobs over the whole chunk, and the
+        largest padded decode step when decode runs at static shapes."""
+        size = self.block_size
+        blocks = -(-num_tokens // size)
+        if blocks > self.num_blocks:
+            raise ValueError(f"profiling {num_tokens} tokens needs {blocks} blocks, the pool has {self.num_blocks}")
+        metadata = AttentionMetadata.build([num_tokens], [num_tokens], [list(range(blocks))], size, self.device)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=self.device),
+                                torch.arange(num_tokens, device=self.device), metadata)
+            chunk = self.model.compute_logits(hidden)[:, : self.vocab_size]
+            torch.log_softmax(chunk, dim=-1)  # prompt logprobs of a whole chunk
+            del chunk
+            rows = min(num_seqs, num_tokens)
+            params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                    presence_penalty=0.5, frequency_penalty=0.5, logprobs=MAX_LOGPROBS)
+            batch = SamplingBatch(params=[params] * rows, prompt_ids=[[0]] * rows, output_ids=[[0]] * rows,
+                                  generators=[None] * rows, suppressed=[frozenset()] * rows)
+            self.sampler(self.model.compute_logits(hidden[:rows])[:, : self.vocab_size], batch)
+            if self.decode_graphs is not None:
+                self.decode_graphs.profile()
+
+    def measure_workspace(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak bytes a step allocates beyond what is allocated now (weights, KV pool), as
+        the CUDA allocator measured it over :meth:`profile_step` (a GPU only)."""
+        if self.device.type != "cuda":
+            raise ValueError("measure_workspace needs a GPU: the CPU plans with the estimate")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        self.profile_step(num_tokens, num_seqs)
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device) - baseline
 
     def capture_decode_graphs(self) -> None:
         """Capture the static decode step's CUDA graphs (a GPU with ``static_decode``). If
@@ -161,58 +182,26 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        """Compute one step. Out-of-memory, transient and fatal errors are raised for the
-        engine to handle; any other failure of a batch is isolated request by request (module
-        docstring)."""
-        try:
-            return self._forward(out.scheduled)
-        except Exception as exc:
-            if isinstance(exc, RocmForgeError) and (exc.is_fatal() or exc.is_transient()
-                                                    or isinstance(exc, DeviceOutOfMemoryError)):
-                raise
-            return self.execute_isolated(out, exc)
+        """Compute one step. torch's out-of-memory errors leave as
+        :class:`DeviceOutOfMemoryError`, anything else as it is (module docstring)."""
+        with self.device_errors(out.scheduled):
+            return self._execute(out.scheduled)
 
-    def execute_isolated(self, out: SchedulerOutput, batch_error: Exception) -> RunnerOutput:
-        """The batch ``out`` failed with ``batch_error``: re-run each request alone. Requests
-        that fail alone too are reported in ``failed``; if all of them do (or the batch held
-        one request), ``batch_error`` is raised. A fatal error is raised at once."""
-        scheduled = out.scheduled
-        if len(scheduled) < 2:
-            raise batch_error
-        logger.warning("batched step of %d requests failed (%s: %s): running them one at a time",
-                       len(scheduled), type(batch_error).__name__, batch_error)
-        result = RunnerOutput(sampled={})
-        for item in scheduled:
-            rid = item.request.request_id
-            try:
-                alone = self._forward([item])
-            except Exception as exc:
-                if isinstance(exc, RocmForgeError) and exc.is_fatal():
-                    raise
-                logger.error("request %s fails on its own: %s: %s", rid, type(exc).__name__, exc,
-                             extra={"request_id": rid})
-                result.failed[rid] = f"{type(exc).__name__}: {exc}"
-                continue
-            result.sampled.update(alone.sampled)
-            result.logprobs.update(alone.logprobs)
-            result.prompt_logprobs.update(alone.prompt_logprobs)
-        if len(result.failed) == len(scheduled):
-            raise batch_error
-        return result
+    def probe(self) -> None:
+        """One forward pass with no request in it (the scratch block only), synchronised:
+        raises when the device itself fails. The engine calls it when every request of a step
+        failed on its own, to tell a broken device from bad requests."""
+        with self.device_errors([]):
+            logits = self.warm_up()
+            if not bool(torch.isfinite(logits).all()):
+                raise ModelExecutionError(f"the device probe on {self.device} produced non-finite logits")
 
-    def free_cached_memory(self) -> None:
-        """Hand the allocator's cached, unused device blocks back (a GPU; nothing on the CPU)."""
-        if self.device.type != "cuda":
-            return
+    @contextlib.contextmanager
+    def device_errors(self, scheduled: list[ScheduledRequest]) -> Iterator[None]:
+        """Translate torch's out-of-memory errors raised inside into :class:`DeviceOutOfMemoryError`
+        (after handing the allocator's cached blocks back), naming the step's size."""
         try:
-            torch.cuda.empty_cache()
-        except RuntimeError as exc:  # a device in trouble: the retry will tell
-            logger.warning("could not empty the CUDA cache: %s", exc)
-
-    def _forward(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
-        """``_execute``, with torch's out-of-memory errors translated (module docstring)."""
-        try:
-            return self._execute(scheduled)
+            yield
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one too
             if not is_out_of_memory(exc):
                 raise
@@ -225,29 +214,14 @@ class ModelRunner:
                 device=str(self.device), num_requests=len(scheduled), num_tokens=num_tokens,
             ) from exc
 
-    def _inject_faults(self, scheduled: list[ScheduledRequest]) -> None:
-        faults = self.faults
-        if faults is None:
+    def free_cached_memory(self) -> None:
+        """Hand the allocator's cached, unused device blocks back (a GPU; nothing on the CPU)."""
+        if self.device.type != "cuda":
             return
-        for item in scheduled:
-            rid = item.request.request_id
-            if any(rid.startswith(prefix) for prefix in faults.forward_fatal):
-                raise EngineDeadError(f"injected fatal fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
-            if any(rid.startswith(prefix) for prefix in faults.forward_error):
-                raise ModelExecutionError(f"injected forward fault for request {rid!r} (ROCMFORGE_FAULT_INJECT)")
-        if self._transient_faults_left > 0:
-            self._transient_faults_left -= 1
-            done = faults.transient - self._transient_faults_left
-            raise DeviceError(f"injected transient device error {done} of {faults.transient} "
-                              "(ROCMFORGE_FAULT_INJECT)", device=str(self.device))
-        num_tokens = sum(item.num_tokens for item in scheduled)
-        if faults.oom_over is not None and num_tokens > faults.oom_over:
-            # What torch itself raises on this device, so the translation in _forward runs.
-            what = f"simulated: {num_tokens} batched tokens > oom_over:{faults.oom_over} (ROCMFORGE_FAULT_INJECT)"
-            if self.device.type == "cuda":
-                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({what})")
-            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate "
-                               f"2147483648 bytes ({what})")
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a device in trouble: the retry will tell
+            logger.warning("could not empty the CUDA cache: %s", exc)
 
     @torch.inference_mode()
     def _execute(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
@@ -257,7 +231,6 @@ class ModelRunner:
             return self._execute_on_device(scheduled)
 
     def _execute_on_device(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
-        self._inject_faults(scheduled)
         result = RunnerOutput(sampled={})
         if self.decode_graphs is not None and self.decode_graphs.accepts(scheduled):
             self._sample(scheduled, self.decode_graphs.run(scheduled), result)
@@ -289,6 +262,8 @@ class ModelRunner:
 
     def _sample(self, items: list[ScheduledRequest], logits: torch.Tensor, result: RunnerOutput) -> None:
         """Sample one token per row of ``logits`` (row i: ``items[i]``) into ``result``."""
+        if logits.shape[-1] != self.vocab_size:
+            logits = logits[:, : self.vocab_size]
         batch = SamplingBatch(
             params=[item.request.params for item in items],
             prompt_ids=[item.request.prompt_token_ids for item in items],
@@ -336,7 +311,8 @@ class ModelRunner:
             if count <= 0:
                 continue
             first_row = end - item.num_tokens
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[first_row : first_row + count]), dim=-1)
+            logits = self.model.compute_logits(hidden[first_row : first_row + count])[:, : self.vocab_size]
+            logprobs = torch.log_softmax(logits, dim=-1)
             targets = request.prompt_token_ids[item.start_pos + 1 : item.start_pos + 1 + count]
             chosen = logprobs.gather(1, to_device(targets, self.device)[:, None])[:, 0].tolist()
             entries: list[TokenLogprobs] = []

@@ -1,20 +1,32 @@
 """``RequestStream``: one request's outputs as an async iterator (what ``AsyncEngine.submit``
-returns). A stream whose consumer goes away cancels its request."""
+returns). A stream whose consumer goes away cancels its request.
+
+It needs three things of whoever feeds it, the :class:`StreamOwner` protocol (the async
+engine is one): whether the engine is alive (to tell a failed request from a dead engine),
+a cancel to await, and a cancel that does not wait (from ``__del__`` or a cancelled task)."""
 
 from __future__ import annotations
 
 import asyncio
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from rocmforge.engine.async_commands import Cancel, Sink
+from rocmforge.engine.async_commands import Sink
 from rocmforge.engine.request import FinishReason
 from rocmforge.errors import EngineDeadError, ModelExecutionError, RequestNotFoundError
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 
-if TYPE_CHECKING:
-    from rocmforge.engine.async_engine import AsyncEngine
+
+class StreamOwner(Protocol):
+    """What a :class:`RequestStream` needs of the engine that feeds it."""
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    async def cancel(self, request_id: str) -> bool: ...
+
+    def cancel_nowait(self, request_id: str) -> None: ...
 
 
 class RequestStream:
@@ -27,7 +39,7 @@ class RequestStream:
     out cancels it too)."""
 
     def __init__(
-        self, engine: AsyncEngine, sink: Sink, prompt_token_ids: list[int], params: SamplingParams
+        self, engine: StreamOwner, sink: Sink, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         self._engine = engine
         self._sink = sink
@@ -124,7 +136,7 @@ class RequestStream:
         """The consumer went away without awaiting: cancel without waiting for the answer."""
         if self._final is None and not self._closed:
             self._closed = True
-            self._engine._post_nowait(Cancel(self.request_id, None, quiet=True))
+            self._engine.cancel_nowait(self.request_id)
 
     def __del__(self) -> None:
         self._abandon()

@@ -10,7 +10,11 @@ Flows in: :class:`Request` objects from the engine (``add_request``), cancellati
 stop-string hits (``finish_request``) and the runner's :class:`RunnerOutput`. Flows out:
 :class:`SchedulerOutput` to the runner and, from ``update``, the requests that got tokens.
 The scheduler owns every live request's state and the :class:`BlockManager`; it never
-touches tensors. It is not thread-safe: call it from the engine loop only.
+touches tensors. A finished request is forgotten at once: ``update`` (or ``finish_request``)
+hands it back one last time, and only its id stays, until the next ``schedule()`` tells the
+runner (``finished_request_ids``). Whoever wants a finished request's history keeps it (the
+async engine's status board keeps small snapshots, never token lists). It is not
+thread-safe: call it from the engine loop only.
 
 Out-of-memory back-off. When a step runs out of device memory the engine calls
 :meth:`Scheduler.shrink_after_oom`: the step limits (sequences and batched tokens) drop to
@@ -24,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from rocmforge.engine.block_manager import BlockManager
-from rocmforge.engine.config import CacheConfig, SchedulerConfig
+from rocmforge.config import CacheConfig, SchedulerConfig
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.errors import (
     ConfigError,
@@ -41,8 +45,6 @@ from rocmforge.errors import (
 
 logger = logging.getLogger(__name__)
 
-FINISHED_HISTORY = 10_000
-"""Finished requests kept for status queries (least recently finished dropped first)."""
 OOM_RECOVERY_STEPS = 64
 """Successful steps after an out-of-memory back-off before the step limits double again."""
 
@@ -122,21 +124,22 @@ class Scheduler:
         self,
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
-        finished_history: int = FINISHED_HISTORY,
+        num_blocks: int,
         oom_recovery_steps: int = OOM_RECOVERY_STEPS,
     ) -> None:
-        if cache_config.num_blocks is None:
-            raise ConfigError("cache_config.num_blocks must be set before building the scheduler")
+        """``num_blocks``: the KV pool's size, which the model runner sized from the memory
+        budget. ``scheduler_config.max_model_len`` must be resolved (placement sets it)."""
+        if scheduler_config.max_model_len is None:
+            raise ConfigError("scheduler_config.max_model_len must be resolved before building the scheduler")
+        if num_blocks < 1:
+            raise ConfigError(f"the KV pool needs at least one block, got {num_blocks}", param="num_blocks")
         self.scheduler_config = scheduler_config
+        self.max_model_len: int = scheduler_config.max_model_len
         self.cache_config = cache_config
-        self.block_manager = BlockManager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
-        )
+        self.block_manager = BlockManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self._live: dict[str, Request] = {}  # waiting + running
-        self._finished: OrderedDict[str, Request] = OrderedDict()
-        self._finished_history = finished_history
         self._finished_since_schedule: list[str] = []
         self.num_preemptions = 0
         self._oom_limits: StepLimits | None = None  # lowered after an out-of-memory step
@@ -154,14 +157,23 @@ class Scheduler:
         fresh = not (request.num_computed_tokens or request.block_ids)
         if request.state is not RequestState.QUEUED or not fresh:
             raise InvalidRequestError(f"request {rid!r} is not a new request")
+        self.check_length(request.num_prompt_tokens, request.params.max_tokens)
         cfg = self.scheduler_config
-        n, max_tokens = request.num_prompt_tokens, request.params.max_tokens
+        if len(self.waiting) >= cfg.max_waiting:
+            raise OverloadedError(f"the waiting queue is full ({cfg.max_waiting} requests)")
+        self._live[rid] = request
+        self.waiting.append(request)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise unless a prompt of this length with this ``max_tokens`` can ever run: it fits
+        the context window and, at its peak, the whole KV pool."""
+        n = num_prompt_tokens
         if n == 0:
             raise InvalidRequestError("the prompt must not be empty", param="prompt")
-        if n + max_tokens > cfg.max_model_len:
+        if n + max_tokens > self.max_model_len:
             raise ContextLengthExceededError(
                 f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} "
-                f"tokens exceed the context window of {cfg.max_model_len}",
+                f"tokens exceed the context window of {self.max_model_len}",
                 param="max_tokens",
             )
         # The last sampled token is never fed back, so the K/V peak is n + max_tokens - 1.
@@ -173,22 +185,16 @@ class Scheduler:
                 f"tokens of KV cache exceed the whole pool of {capacity} tokens",
                 param="max_tokens",
             )
-        if len(self.waiting) >= cfg.max_waiting:
-            raise OverloadedError(f"the waiting queue is full ({cfg.max_waiting} requests)")
-        self._finished.pop(rid, None)  # an id may be reused once its request finished
-        self._live[rid] = request
-        self.waiting.append(request)
 
     def finish_request(
         self, request_id: str, reason: FinishReason, error: str | None = None
     ) -> Request:
-        """Finish a waiting or running request now (stop string, cancel, error) and free its
-        blocks. Idempotent for finished requests; unknown ids raise ``RequestNotFoundError``."""
+        """Finish a waiting or running request now (stop string, cancel, error), free its
+        blocks and forget it; returns it. Ids that are not live (unknown, or finished
+        already) raise ``RequestNotFoundError``."""
         request = self._live.get(request_id)
         if request is None:
-            if request_id in self._finished:
-                return self._finished[request_id]
-            raise RequestNotFoundError(f"no request with id {request_id!r}")
+            raise RequestNotFoundError(f"no live request with id {request_id!r}")
         if request.state is RequestState.QUEUED:
             self.waiting.remove(request)
         else:
@@ -347,14 +353,17 @@ class Scheduler:
     # --- status ----------------------------------------------------------------------------------
 
     def get_request(self, request_id: str) -> Request:
-        """A live request, or a recently finished one; else ``RequestNotFoundError``."""
-        request = self._live.get(request_id) or self._finished.get(request_id)
+        """A live (waiting or running) request; else ``RequestNotFoundError``."""
+        request = self._live.get(request_id)
         if request is None:
-            raise RequestNotFoundError(f"no request with id {request_id!r}")
+            raise RequestNotFoundError(f"no live request with id {request_id!r}")
         return request
 
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self._live
+
     def queue_position(self, request_id: str) -> int | None:
-        """0-based place in the waiting queue; ``None`` once running or finished."""
+        """0-based place in the waiting queue; ``None`` while running."""
         request = self.get_request(request_id)
         if request.state is not RequestState.QUEUED:
             return None
@@ -428,7 +437,8 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
-        """Mark finished and free the blocks; the caller removes it from waiting/running."""
+        """Mark finished, free the blocks and forget it; the caller removes it from
+        waiting/running."""
         self.block_manager.free(request)
         request.state = RequestState.FINISHED
         request.finish_reason = reason
@@ -436,7 +446,4 @@ class Scheduler:
         request.finished_time = time.monotonic()
         request.block_hashes = []  # only needed while it can still hit or fill the cache
         del self._live[request.request_id]
-        self._finished[request.request_id] = request
-        if len(self._finished) > self._finished_history:
-            self._finished.popitem(last=False)
         self._finished_since_schedule.append(request.request_id)

@@ -4,7 +4,8 @@ Flows in: the :class:`~rocmforge.engine.async_engine.AsyncEngine`'s engine threa
 :class:`IterationStats` per round of its loop (the commands it handled, then at most one
 ``step()``), with one :class:`FinishedRequestStats` per request that ended in it.
 Flows out: to every :class:`StatsLogger` attached to the engine, on the engine thread,
-before the round's outputs are delivered. Without a logger nothing here is built.
+before the round's outputs are delivered (:class:`StatsCollector` does both). Without a
+logger nothing here is built.
 
 This module knows nothing about Prometheus; :mod:`rocmforge.server.metrics` exports these.
 
@@ -21,8 +22,15 @@ Times are ``time.monotonic()`` differences in seconds.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from rocmforge.engine.request import Request
+    from rocmforge.engine.scheduler import SchedulerStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +95,68 @@ class StatsLogger(Protocol):
     other threads. An exception it raises is logged and otherwise ignored."""
 
     def record(self, stats: IterationStats) -> None: ...
+
+
+class StatsCollector:
+    """Fills one :class:`IterationStats` per round of the engine loop and hands it to the
+    attached :class:`StatsLogger` objects (on the engine thread). Without a logger it builds
+    nothing."""
+
+    def __init__(self, loggers: tuple[StatsLogger, ...], scheduler_stats: SchedulerStats) -> None:
+        self._loggers = loggers  # replaced, never mutated: the engine thread reads it without a lock
+        self._iteration: IterationStats | None = None
+        self._reported = scheduler_stats
+
+    def add(self, stats_logger: StatsLogger) -> None:
+        self._loggers = (*self._loggers, stats_logger)
+
+    def collecting(self) -> IterationStats | None:
+        """This round's stats being filled, or None when no logger wants them."""
+        if not self._loggers:
+            return None
+        if self._iteration is None:
+            self._iteration = IterationStats()
+        return self._iteration
+
+    def step_done(self, duration_s: float) -> None:
+        iteration = self.collecting()
+        if iteration is not None:
+            iteration.num_steps += 1
+            iteration.step_duration_s += duration_s
+
+    def tokens(self, request: Request, num_tokens: int, now: float, last: float | None) -> None:
+        """A step delivered ``num_tokens`` of ``request`` at ``now``; ``last``: when its
+        previous tokens were delivered (None: these are its first)."""
+        iteration = self.collecting()
+        if iteration is None:
+            return
+        iteration.num_generation_tokens += num_tokens
+        if last is None:  # its first token: the prompt is served (once, even if preempted later)
+            iteration.num_prompt_tokens += request.num_prompt_tokens
+            first = request.first_token_time if request.first_token_time is not None else now
+            iteration.time_to_first_tokens.append(first - request.arrival_time)
+        else:
+            iteration.inter_token_latencies.append(now - last)
+
+    def finished(self, stats: FinishedRequestStats) -> None:
+        iteration = self.collecting()
+        if iteration is not None:
+            iteration.finished_requests.append(stats)
+
+    def report(self, scheduler_stats: SchedulerStats) -> None:
+        """Hand this round's stats to the loggers (if it did anything) and start a new one."""
+        last, self._reported = self._reported, scheduler_stats
+        loggers = self._loggers
+        if not loggers:
+            return
+        iteration, self._iteration = self._iteration or IterationStats(), None
+        iteration.num_preemptions = scheduler_stats.num_preemptions - last.num_preemptions
+        iteration.prefix_cache_queries = scheduler_stats.prefix_cache_queries - last.prefix_cache_queries
+        iteration.prefix_cache_hits = scheduler_stats.prefix_cache_hits - last.prefix_cache_hits
+        if iteration.is_empty():
+            return
+        for stats_logger in loggers:
+            try:
+                stats_logger.record(iteration)
+            except Exception:  # metrics must not take the engine down
+                logger.exception("stats logger %s failed", type(stats_logger).__name__)

@@ -3,6 +3,13 @@
 In: an open :class:`GGUFFile`. Out: a JSON-serialisable dict with the architecture, the
 hyper-parameters, the tokenizer, every tensor (type, shape, bytes), the quantization mix,
 the parameter count and an estimate of the memory needed to run it.
+
+Any file the reader accepts gets a summary: metadata of the wrong type or out of range is
+shown as it is (``architecture``/``name``/``model``/``pre`` are None unless strings), and
+when the hyper-parameters do not describe a model rocmforge can build (a missing key, a
+count that disagrees with the tensors, more tokens than embedding rows: the checks of
+:mod:`rocmforge.models.validate`, the same the loader runs), ``hyperparameters`` holds the
+error message instead and ``memory`` is None. Torch is not imported.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from typing import Any
 
 from rocmforge.errors import RocmForgeError
 from rocmforge.gguf.reader import GGUFFile
-from rocmforge.models.config import ModelConfig
+from rocmforge.models.validate import OUTPUT, TOKENS_KEY, check_vocabulary, checked_config
 
 _LARGE_ARRAY = 16
 
@@ -29,8 +36,8 @@ def summarize(gguf: GGUFFile) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "path": str(gguf.path),
         "gguf_version": gguf.version,
-        "architecture": gguf.metadata.get("general.architecture"),
-        "name": gguf.metadata.get("general.name"),
+        "architecture": _string(gguf, "general.architecture"),
+        "name": _string(gguf, "general.name"),
         "file_bytes": gguf.path.stat().st_size,
         "parameters": params,
         "weight_bytes": weight_bytes,
@@ -40,9 +47,9 @@ def summarize(gguf: GGUFFile) -> dict[str, Any]:
             for name, n in by_type.most_common()
         },
         "tokenizer": {
-            "model": gguf.metadata.get("tokenizer.ggml.model"),
-            "pre": gguf.metadata.get("tokenizer.ggml.pre"),
-            "vocab_size": len(gguf.metadata.get("tokenizer.ggml.tokens", [])),
+            "model": _string(gguf, "tokenizer.ggml.model"),
+            "pre": _string(gguf, "tokenizer.ggml.pre"),
+            "vocab_size": len(tokens) if isinstance(tokens := gguf.metadata.get(TOKENS_KEY), list) else None,
             "has_chat_template": "tokenizer.chat_template" in gguf.metadata,
         },
         "metadata": {k: _short(v) for k, v in gguf.metadata.items()},
@@ -55,12 +62,15 @@ def summarize(gguf: GGUFFile) -> dict[str, Any]:
 
 
 def _model_estimates(gguf: GGUFFile, params: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """Hyper-parameters and a memory estimate, when the architecture is one we run."""
-    embd = gguf.tensors.get("token_embd.weight")
-    if embd is None:
+    """Hyper-parameters and a memory estimate, when the file holds a model we can build;
+    None for a file without tensors (a vocabulary-only file)."""
+    if not gguf.tensors:
         return None, None
+    tokens = gguf.metadata.get(TOKENS_KEY)
     try:
-        config = ModelConfig.from_gguf_metadata(gguf.metadata, vocab_size=embd.shape[0])
+        config = checked_config(gguf)
+        if isinstance(tokens, list):
+            check_vocabulary(len(tokens), config, gguf.path)
     except RocmForgeError as exc:
         return {"error": exc.message}, None
     hyper = {
@@ -74,7 +84,7 @@ def _model_estimates(gguf: GGUFFile, params: int) -> tuple[dict[str, Any] | None
         "rope_theta": config.rope_theta,
         "rms_norm_eps": config.rms_norm_eps,
         "context_length": config.max_context,
-        "tied_embeddings": "output.weight" not in gguf.tensors,
+        "tied_embeddings": OUTPUT not in gguf.tensors,
     }
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
     memory = {
@@ -85,6 +95,12 @@ def _model_estimates(gguf: GGUFFile, params: int) -> tuple[dict[str, Any] | None
         "kv_cache_full_context_bf16_bytes": kv_per_token * 2 * config.max_context,
     }
     return hyper, memory
+
+
+def _string(gguf: GGUFFile, key: str) -> str | None:
+    """The metadata string under ``key``; None when absent or not a string."""
+    value = gguf.metadata.get(key)
+    return value if isinstance(value, str) else None
 
 
 def _short(value: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 
 import torch
 
@@ -48,3 +49,33 @@ def kernels_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return not interpreter_active()
     return device.type == "cpu" and interpreter_active()
+
+
+def is_kernel_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Triton kernel failing to compile or launch: one of Triton's own
+    errors (compilation, out of resources, a backend's assembler), an import error of a
+    backend, or a runtime error raised from inside Triton's code (a launch the driver
+    refused). Anything else is not a kernel problem and must not be hidden by a fallback."""
+    if not triton_available():
+        return False
+    if isinstance(exc, (ImportError, *_triton_errors())):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}triton{os.sep}" in tb.tb_frame.f_code.co_filename
+
+
+@functools.cache
+def _triton_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from triton.errors import TritonError  # Triton >= 3.3: the base of all of them
+
+        return (TritonError,)
+    except ImportError:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+
+        return (CompilationError, OutOfResources)

@@ -8,12 +8,17 @@ Missing or inconsistent values raise :class:`~rocmforge.errors.MissingMetadataEr
 
 from __future__ import annotations
 
+import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from rocmforge.errors import MissingMetadataError, ModelLoadError
 from rocmforge.models.registry import ArchSpec, get_arch
+
+MIN_CONTEXT = 2
+"""The shortest context the engine can run (a prompt token and one generated token)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,19 +67,38 @@ class ModelConfig:
         num_heads = keys.get_int("attention.head_count")
         num_kv_heads = keys.get_int("attention.head_count_kv", default=num_heads)
         if hidden % num_heads and keys.get("attention.key_length") is None:
-            raise ModelLoadError(f"embedding_length {hidden} is not a multiple of head_count {num_heads}")
+            raise ModelLoadError(
+                f"metadata {keys.name('embedding_length')} = {hidden} is not a multiple of "
+                f"{keys.name('attention.head_count')} = {num_heads} (and no {keys.name('attention.key_length')})"
+            )
         head_dim = keys.get_int("attention.key_length", default=hidden // num_heads)
+        head_dim_source = (
+            keys.name("attention.key_length") if keys.get("attention.key_length") is not None
+            else f"{keys.name('embedding_length')} / {keys.name('attention.head_count')}"
+        )
         if keys.get_int("attention.value_length", default=head_dim) != head_dim:
-            raise ModelLoadError("attention.value_length differs from key_length: not supported")
+            raise ModelLoadError(
+                f"metadata {keys.name('attention.value_length')} differs from the head dimension {head_dim} = "
+                f"{head_dim_source}: not supported"
+            )
         if num_heads % num_kv_heads:
-            raise ModelLoadError(f"head_count {num_heads} is not a multiple of head_count_kv {num_kv_heads}")
+            raise ModelLoadError(
+                f"metadata {keys.name('attention.head_count')} = {num_heads} is not a multiple of "
+                f"{keys.name('attention.head_count_kv')} = {num_kv_heads}"
+            )
         if keys.get_int("rope.dimension_count", default=head_dim) != head_dim:
-            raise ModelLoadError("partial rotary embeddings (rope.dimension_count < head dim) are not supported")
+            raise ModelLoadError(
+                f"partial rotary embeddings (metadata {keys.name('rope.dimension_count')} other than the head "
+                f"dimension {head_dim} = {head_dim_source}) are not supported"
+            )
         if head_dim % 2:
-            raise ModelLoadError(f"head dimension {head_dim} must be even for RoPE")
+            raise ModelLoadError(f"head dimension {head_dim} = {head_dim_source} must be even for RoPE")
         declared_vocab = keys.get("vocab_size")
         if declared_vocab is not None and declared_vocab != vocab_size:
-            raise ModelLoadError(f"{arch_name}.vocab_size is {declared_vocab} but token_embd has {vocab_size} rows")
+            raise ModelLoadError(
+                f"metadata {keys.name('vocab_size')} is {reprlib.repr(declared_vocab)} "
+                f"but token_embd has {vocab_size} rows"
+            )
 
         return cls(
             arch=arch,
@@ -87,7 +111,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=keys.get_float("attention.layer_norm_rms_epsilon", default=1e-5),
             rope_theta=keys.get_float("rope.freq_base", default=arch.default_rope_theta),
-            max_context=keys.get_int("context_length"),
+            max_context=keys.get_int("context_length", minimum=MIN_CONTEXT),
             rope_scaling=_rope_scaling(keys),
         )
 
@@ -97,7 +121,7 @@ def _rope_scaling(keys: _Keys) -> RopeScaling | None:
     if kind in (None, "none"):
         return None
     if kind != "linear":
-        raise ModelLoadError(f"RoPE scaling type {kind!r} is not supported (supported: none, linear)")
+        raise ModelLoadError(f"RoPE scaling type {reprlib.repr(kind)} is not supported (supported: none, linear)")
     factor = keys.get_float("rope.scaling.factor", default=1.0)
     return None if factor == 1.0 else RopeScaling(kind="linear", factor=factor)
 
@@ -109,19 +133,27 @@ class _Keys:
         self._metadata = metadata
         self._arch = arch
 
+    def name(self, suffix: str) -> str:
+        """The full key, quoted, for messages."""
+        return f"'{self._arch}.{suffix}'"
+
     def get(self, suffix: str) -> Any:
         return self._metadata.get(f"{self._arch}.{suffix}")
 
-    def get_int(self, suffix: str, default: int | None = None) -> int:
+    def get_int(self, suffix: str, default: int | None = None, minimum: int = 1) -> int:
         value = self._require(suffix, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ModelLoadError(f"metadata '{self._arch}.{suffix}' must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
+            raise ModelLoadError(f"metadata '{self._arch}.{suffix}' must be {what}, got {reprlib.repr(value)}")
         return value
 
     def get_float(self, suffix: str, default: float | None = None) -> float:
+        """A positive, finite number (NaN and infinity are refused too)."""
         value = self._require(suffix, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ModelLoadError(f"metadata '{self._arch}.{suffix}' must be a positive number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ModelLoadError(
+                f"metadata '{self._arch}.{suffix}' must be a positive number, got {reprlib.repr(value)}"
+            )
         return float(value)
 
     def _require(self, suffix: str, default: Any) -> Any:
@@ -133,3 +165,4 @@ class _Keys:
                 )
             return default
         return value
+

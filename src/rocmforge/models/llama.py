@@ -137,6 +137,12 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.k_cache = k_cache
             layer.self_attn.v_cache = v_cache
 
+    def unbind_kv_cache(self) -> None:
+        """Drop the references to a runner's cache tensors (a discarded profiling runner's
+        pool is freed only then)."""
+        for layer in self.layers:
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -5,8 +5,13 @@ format. Out: the model with every parameter filled (Q/K rows in interleaved-RoPE
 Q/K/V and gate/up fused) — dequantized, or as quantized layers where the format and device
 allow (GGUF blocks on a GPU, int4/int8 on the CPU) — plus its config.
 
-Which GGUF tensor feeds which parameter is the data table below (gguf-py's names), not code.
-Every missing tensor, unexpected shape or unsupported type is a typed error naming the tensor.
+Which GGUF tensor feeds which parameter is a data table (gguf-py's names), not code:
+``PARAMS``, ``LAYER_PARAMS``, ``LAYER_LINEARS``, ``OUTPUT`` and ``ROPE_FREQS``, defined beside
+the shapes they must have in :mod:`rocmforge.models.validate` (torch-free, so ``inspect`` can
+check a file without importing torch) and used here. Before the model is built,
+:func:`~rocmforge.models.validate.checked_config` checks every count and shape of the metadata
+against the tensor index: a missing tensor or an unexpected shape is a typed error naming the
+tensor before anything is allocated. An unsupported type is one when its tensor is decoded.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ from rocmforge.gguf.dequant import Q4_TYPES, dequantize, split_q4
 from rocmforge.kernels import kernels_usable
 from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
+from rocmforge.models.validate import (
+    LAYER_LINEARS,
+    LAYER_PARAMS,
+    OUTPUT,
+    PARAMS,
+    ROPE_FREQS,
+    checked_config,
+)
 from rocmforge.quant import int4_cpu
 from rocmforge.quant.gguf_embedding import GGUFEmbedding
 from rocmforge.quant.gguf_linear import GGUFLinear
@@ -48,25 +61,6 @@ QuantKernels = str
 on a GPU, int4/int8 torch kernels on the CPU), ``triton`` or ``cpu``. Only tests choose:
 ``triton`` on the CPU runs the GPU kernels under Triton's interpreter."""
 
-# Parameters filled directly: parameter path -> GGUF tensor name.
-PARAMS: dict[str, str] = {
-    "embed_tokens.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-}
-LAYER_PARAMS: dict[str, str] = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-# Linear layers: module path -> (weight tensors, bias tensors), concatenated along the rows.
-LAYER_LINEARS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "self_attn.qkv_proj": (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("attn_q.bias", "attn_k.bias", "attn_v.bias")),
-    "self_attn.o_proj": (("attn_output.weight",), ()),
-    "mlp.gate_up_proj": (("ffn_gate.weight", "ffn_up.weight"), ()),
-    "mlp.down_proj": (("ffn_down.weight",), ()),
-}
-OUTPUT = "output.weight"  # absent when the output head is tied to the embeddings
-ROPE_FREQS = "rope_freqs.weight"
-
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
@@ -90,10 +84,9 @@ def load_model(
     None: on a GPU with Triton. The attention backend must then provide ``attend``."""
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weight_format!r} (have: {', '.join(WEIGHT_FORMATS)})")
-    if "token_embd.weight" not in gguf.tensors:
-        raise ModelLoadError(f"{gguf.path}: required tensor 'token_embd.weight' is missing")
-    vocab_size = gguf.tensors["token_embd.weight"].shape[0]
-    config = ModelConfig.from_gguf_metadata(gguf.metadata, vocab_size=vocab_size)
+    # Every count and shape the metadata claims, checked against the tensor index before
+    # anything is allocated: from here on, memory follows the file's tensors.
+    config = checked_config(gguf)
     loader = _TensorLoader(gguf, config, device)
     kernels = _quant_kernels(weight_format, quant_kernels, device)
 

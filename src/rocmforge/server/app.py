@@ -28,6 +28,7 @@ from rocmforge.server.metrics import HttpMetrics, HttpMetricsMiddleware, make_re
 from rocmforge.server.middleware import RequestContextMiddleware
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.state import ServerState
+from rocmforge.server.streams import SafeJSONResponse
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def create_app(state: ServerState) -> FastAPI:
             await _warm_up(state)
         if not state.draining:  # a signal may have arrived during the warm-up
             state.ready = True
-            logger.info("ready: serving %s on %s", state.config.model_name, state.device)
+            logger.info("ready: serving %s on %s", state.model_name, state.device)
         try:
             yield
         finally:
@@ -48,6 +49,7 @@ def create_app(state: ServerState) -> FastAPI:
             # engine is stopped by now and this returns at once. Under a plain ASGI server this
             # is the drain.
             await drain(state)
+            state.workers.shutdown(wait=False, cancel_futures=True)
             if state.tracing is not None:
                 await asyncio.to_thread(state.tracing.shutdown)  # exports what is still batched
 
@@ -56,6 +58,7 @@ def create_app(state: ServerState) -> FastAPI:
         version=__version__,
         description="LLM inference server for GGUF models: native and OpenAI-compatible APIs.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.rocmforge = state
     registry = make_registry(state)
@@ -72,7 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
         body: dict[str, Any] = {
             "status": "ok" if alive else "dead",
             "version": __version__,
-            "model": state.config.model_name,
+            "model": state.model_name,
             "device": {
                 "name": state.device,
                 "fallback": state.device_fallback is not None,

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rocmforge.errors import OverloadedError, RocmForgeError
+from rocmforge.server.streams import SafeJSONResponse
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body = {"error": {"type": type_, "code": code, "message": message, "param": param, "request_id": request_id}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 def rocmforge_error_response(exc: RocmForgeError, request_id: str | None) -> JSONResponse:
@@ -115,4 +116,4 @@ def _explain(errors: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         prefix = "Input should be "
         expected = dict.fromkeys(str(e.get("msg", "")).removeprefix(prefix) for e in wrong_type)
         return chosen, prefix + " or ".join(expected)
-    return chosen, str(chosen.get("msg", "invalid request"))
+    return chosen, str(chosen.get("msg", "invalid request")).removeprefix("Value error, ")

@@ -160,7 +160,7 @@ class EngineCollector(Collector):
         self.state = state
         self.build = {
             "version": __version__,
-            "model": state.config.model_name,
+            "model": state.model_name,
             "device": state.engine.device,
         }
 

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from rocmforge import __version__
 from rocmforge.errors import InvalidRequestError, RocmForgeError
 from rocmforge.server.errors import request_id_of
-from rocmforge.server.openai_api import render_chat
+from rocmforge.server.prompts import decode, encode_chat, encode_text, off_loop
 from rocmforge.server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import generation_error, logprob_entries, results_or_disconnect, sse, submit, timings
@@ -32,9 +32,9 @@ def _state(request: Request) -> ServerState:
     return request.app.state.rocmforge
 
 
-def _prompt_ids(state: ServerState, body: GenerateRequest) -> list[int]:
+async def _prompt_ids(state: ServerState, body: GenerateRequest) -> list[int]:
     if isinstance(body.prompt, str):
-        return state.tokenizer.encode(body.prompt, add_special=body.add_special_tokens)
+        return await encode_text(state, body.prompt, add_special=body.add_special_tokens)
     return list(body.prompt)
 
 
@@ -42,7 +42,7 @@ def _prompt_ids(state: ServerState, body: GenerateRequest) -> list[int]:
 async def generate(body: GenerateRequest, request: Request) -> Any:
     state = _state(request)
     request_id = request_id_of(request) or ""
-    stream = await submit(state, _prompt_ids(state, body), body.to_sampling_params(), request_id)
+    stream = await submit(state, await _prompt_ids(state, body), body.to_sampling_params(), request_id)
     results = await results_or_disconnect(request, [stream])
     if results is None:  # the client went away; its request was cancelled
         return JSONResponse({}, status_code=499)
@@ -66,7 +66,7 @@ async def generate(body: GenerateRequest, request: Request) -> Any:
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     state = _state(request)
     request_id = request_id_of(request) or ""
-    stream = await submit(state, _prompt_ids(state, body), body.to_sampling_params(), request_id)
+    stream = await submit(state, await _prompt_ids(state, body), body.to_sampling_params(), request_id)
 
     async def events() -> AsyncIterator[str]:
         async with stream:  # leaving early (client disconnect) cancels the request
@@ -136,7 +136,7 @@ async def models(request: Request) -> dict[str, Any]:
     return {
         "models": [
             {
-                "id": state.config.model_name,
+                "id": state.model_name,
                 "path": state.model_path,
                 "max_model_len": state.engine.max_model_len,
                 "vocab_size": state.tokenizer.vocab_size,
@@ -153,17 +153,17 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
     if body.messages is not None:
-        ids = state.tokenizer.encode(render_chat(state, body.messages), add_special=False)
+        ids = await encode_chat(state, body.messages)
     else:
-        ids = state.tokenizer.encode(body.prompt or "", add_special=body.add_special_tokens)
+        ids = await off_loop(state, state.tokenizer.encode, body.prompt or "", body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     state = _state(request)
-    vocab = state.tokenizer.vocab_size
+    vocab = state.engine.vocab_size
     bad = next((t for t in body.tokens if t >= vocab), None)
     if bad is not None:
         raise InvalidRequestError(f"token id {bad} is outside the vocabulary (size {vocab})", param="tokens")
-    return {"prompt": state.tokenizer.decode(body.tokens)}
+    return {"prompt": await decode(state, body.tokens)}

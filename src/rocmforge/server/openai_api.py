@@ -17,11 +17,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rocmforge.errors import ChatTemplateError, InvalidRequestError, ModelNotFoundError, RocmForgeError
+from rocmforge.errors import InvalidRequestError, ModelNotFoundError, RocmForgeError
 from rocmforge.outputs import Completion, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.errors import request_id_of
-from rocmforge.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_texts
+from rocmforge.server.protocol import ChatCompletionRequest, CompletionRequest
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import generation_error, merged, now, results_or_disconnect, sse, submit
 
@@ -34,15 +35,8 @@ def _state(request: Request) -> ServerState:
 
 
 def _check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.config.model_name:
-        raise ModelNotFoundError(f"model {model!r} is not served here (this server serves {state.config.model_name!r})")
-
-
-def render_chat(state: ServerState, messages: Sequence[ChatMessage]) -> str:
-    template = state.tokenizer.chat_template
-    if template is None:
-        raise ChatTemplateError("this model has no chat template; use /v1/completions")
-    return template.render([{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True)
+    if model is not None and model != state.model_name:
+        raise ModelNotFoundError(f"model {model!r} is not served here (this server serves {state.model_name!r})")
 
 
 def _max_tokens(state: ServerState, prompt_len: int, requested: int | None) -> int:
@@ -87,7 +81,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     state = _state(request)
     return {
         "object": "list",
-        "data": [{"id": state.config.model_name, "object": "model", "created": int(state.started_at),
+        "data": [{"id": state.model_name, "object": "model", "created": int(state.started_at),
                   "owned_by": "rocmforge", "max_model_len": state.engine.max_model_len}],
     }
 
@@ -101,7 +95,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     _check_model(state, body.model)
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo together with logprobs is not supported", param="echo")
-    prompts = _prompt_list(state, body.prompt)
+    prompts = await _prompt_list(state, body.prompt)
+    check_fanout(state, len(prompts), body.n)
     params = [
         p
         for ids in prompts
@@ -111,7 +106,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     request_id = request_id_of(request) or uuid.uuid4().hex
     streams = await _submit_all(state, request_id, flat_prompts, params)
     completion_id = f"cmpl-{request_id}"
-    texts = [state.tokenizer.decode(ids) for ids in prompts] if body.echo else None
+    texts = [await decode(state, ids) for ids in prompts] if body.echo else None
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -133,26 +128,28 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
             "stop_reason": result.stop_reason,
             "logprobs": _completion_logprobs(state, result.logprobs) if result.logprobs is not None else None,
         })
-    return {"id": completion_id, "object": "text_completion", "created": now(), "model": state.config.model_name,
+    return {"id": completion_id, "object": "text_completion", "created": now(), "model": state.model_name,
             "choices": choices, "usage": _usage(results, body.n)}
 
 
-def _prompt_list(state: ServerState, prompt: str | list[int] | list[str]) -> list[list[int]]:
+async def _prompt_list(state: ServerState, prompt: str | list[int] | list[str]) -> list[list[int]]:
+    texts: list[str] = []
     if isinstance(prompt, str):
-        prompts = [prompt]
+        texts = [prompt]
     elif all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)  # type: ignore[arg-type]
+        texts = [p for p in prompt if isinstance(p, str)]
     else:
-        return [list(prompt)]  # type: ignore[arg-type]
-    if any(not p for p in prompts):
+        return [[p for p in prompt if isinstance(p, int)]]
+    if any(not p for p in texts):
         raise InvalidRequestError("prompt must not be empty", param="prompt")
-    return [state.tokenizer.encode(p, add_special=True) for p in prompts]
+    check_fanout(state, len(texts), 1)  # before tokenizing any of them
+    return await encode_texts(state, texts, add_special=True)
 
 
 async def _completion_events(
     state: ServerState, streams: list[Any], completion_id: str, n: int, texts: list[str] | None, include_usage: bool
 ) -> AsyncIterator[str]:
-    created, model = now(), state.config.model_name
+    created, model = now(), state.model_name
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     echoed: set[int] = set()
     try:
@@ -212,7 +209,8 @@ def _finish(reason: str | None) -> str | None:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     state = _state(request)
     _check_model(state, body.model)
-    prompt = state.tokenizer.encode(render_chat(state, body.messages), add_special=False)
+    check_fanout(state, 1, body.n)
+    prompt = await encode_chat(state, body.messages)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _choices_params(body.to_sampling_params(_max_tokens(state, len(prompt), requested)), body.n)
     request_id = request_id_of(request) or uuid.uuid4().hex
@@ -236,12 +234,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         }
         for index, result in enumerate(results)
     ]
-    return {"id": completion_id, "object": "chat.completion", "created": now(), "model": state.config.model_name,
+    return {"id": completion_id, "object": "chat.completion", "created": now(), "model": state.model_name,
             "choices": choices, "usage": _usage(results, body.n)}
 
 
 async def _chat_events(state: ServerState, streams: list[Any], completion_id: str, include_usage: bool) -> AsyncIterator[str]:
-    created, model = now(), state.config.model_name
+    created, model = now(), state.model_name
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -4,23 +4,38 @@ Flows in: JSON bodies of the native (``/generate``) and OpenAI-compatible (``/v1
 routes. Flows out: :class:`~rocmforge.sampling_params.SamplingParams` built from them
 (``to_sampling_params``), and the response bodies. Unknown fields are rejected (a typo in a
 parameter name must not silently do nothing); types are strict (``"0.5"`` is no number and
-``"yes"`` no boolean); numbers must be finite; every bound that
-``SamplingParams`` checks is checked again there, so both paths share one set of rules.
+``"yes"`` no boolean); numbers must be finite; every string must be valid Unicode (JSON
+escapes can spell a lone surrogate such as ``"\ud800"``, which no tokenizer or UTF-8 encoder
+takes); every bound that ``SamplingParams`` checks is checked again there, so both paths share
+one set of rules. Token ids are checked against the vocabulary by the engine
+(``LLMEngine.check_request``), which knows it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from rocmforge.sampling_params import MAX_LOGPROBS, SamplingParams
+from rocmforge.sampling_params import MAX_LOGPROBS, MAX_TOP_K, SamplingParams
 
+
+def _valid_unicode(text: str) -> str:
+    """Refuse text that cannot be UTF-8 encoded (a lone surrogate), naming where; the text
+    itself is not echoed (it could not be written into the JSON answer either)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: an unpaired surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+"""A JSON string that is valid Unicode."""
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 """A JSON number (ints too), never a string like ``"0.5"``, a bool, NaN or an infinity."""
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 MAX_STOP_STRINGS = 16
-MAX_N = 16
 
 
 class _Strict(BaseModel):
@@ -32,13 +47,13 @@ class _SamplingFields(_Strict):
 
     temperature: FiniteFloat | None = None
     top_p: FiniteFloat | None = None
-    top_k: StrictInt | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=MAX_TOP_K)] | None = None
     min_p: FiniteFloat | None = None
     repetition_penalty: FiniteFloat | None = None
     presence_penalty: FiniteFloat | None = None
     frequency_penalty: FiniteFloat | None = None
     seed: StrictInt | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     ignore_eos: StrictBool | None = None
     min_tokens: StrictInt | None = None
@@ -60,7 +75,7 @@ class _SamplingFields(_Strict):
 
 
 class GenerateRequest(_SamplingFields):
-    prompt: StrictStr | TokenIds
+    prompt: Text | TokenIds
     max_tokens: StrictInt = 64
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_special_tokens: StrictBool = True
@@ -104,15 +119,16 @@ class StreamOptions(_Strict):
 
 
 class CompletionRequest(_SamplingFields):
-    model: StrictStr | None = None
-    prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)]
+    model: Text | None = None
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)]
     max_tokens: StrictInt | None = 16
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    """Choices per prompt; prompts x n is capped by ``max_choices_per_request`` (the route checks)."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     echo: StrictBool = False
-    user: StrictStr | None = None
+    user: Text | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
@@ -121,13 +137,13 @@ class CompletionRequest(_SamplingFields):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr | list[TextPart]
-    name: StrictStr | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -140,17 +156,18 @@ class ResponseFormat(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    model: StrictStr | None = None
+    model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    """Choices; capped by ``max_choices_per_request`` (the route checks)."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
@@ -159,12 +176,12 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class TokenizeRequest(_Strict):
-    prompt: StrictStr | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
-    model: StrictStr | None = None
+    model: Text | None = None
 
 
 class DetokenizeRequest(_Strict):
     tokens: list[Annotated[StrictInt, Field(ge=0)]]
-    model: StrictStr | None = None
+    model: Text | None = None

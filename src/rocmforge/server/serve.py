@@ -32,9 +32,9 @@ from rocmforge.errors import ConfigError, ServerError
 from rocmforge.llm import LLM
 from rocmforge.models.loader import ProgressCallback
 from rocmforge.server.app import create_app, drain
-from rocmforge.server.state import ServerConfig, ServerState
+from rocmforge.server.state import ServerState
 from rocmforge.server.tracing import tracing_from_settings
-from rocmforge.settings import Settings
+from rocmforge.settings import SettingsBase
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +55,15 @@ class Address:
         return cls(host.strip("[]") or "127.0.0.1", int(port))
 
 
-def build_state(settings: Settings, progress: ProgressCallback | None = None) -> ServerState:
+def build_state(settings: SettingsBase, progress: ProgressCallback | None = None) -> ServerState:
     llm = LLM.from_settings(settings, progress)
     engine = AsyncEngine.from_llm(llm)
-    config = ServerConfig(
-        model_name=settings.model_name or llm.path.stem,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-        cors_origins=tuple(settings.cors_origins),
-        max_body_bytes=settings.max_body_bytes,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
     if llm.device_fallback is not None:
         logger.warning("serving on the CPU (fallback): %s", llm.device_fallback)
     return ServerState(
         engine=engine,
         tokenizer=llm.tokenizer,
-        config=config,
+        config=settings.server_config(),
         model_path=str(llm.path),
         device=str(llm.device),
         device_fallback=llm.device_fallback,

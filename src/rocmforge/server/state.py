@@ -1,5 +1,6 @@
-"""What the routes share: the engine, the tokenizer, the server's configuration, and the
-lifecycle flags the probes read (``ready``, ``draining``).
+"""What the routes share: the engine, the tokenizer, the server's configuration
+(:class:`~rocmforge.config.ServerConfig`), and the lifecycle flags the probes read
+(``ready``, ``draining``).
 
 Lifecycle: loading (no HTTP listener yet) -> warming up (``ready`` False) -> serving
 (``ready`` True) -> draining (``draining`` True: a signal arrived, admission is closed,
@@ -7,33 +8,20 @@ in-flight requests finish or are cancelled at the shutdown timeout) -> exit."""
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rocmforge.config import ServerConfig
 from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from rocmforge.engine.memory import MemoryPlan
     from rocmforge.server.tracing import Tracing
-
-
-@dataclass(slots=True)
-class ServerConfig:
-    model_name: str
-    """The id clients use in ``model`` fields and see in ``/models``."""
-    api_key: str | None = None
-    """When set, every route but ``/health`` needs ``Authorization: Bearer <key>``."""
-    cors_origins: tuple[str, ...] = ()
-    """Allowed CORS origins; empty disables CORS."""
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 256
-    """``max_tokens`` of OpenAI requests that leave it out (capped by the context left)."""
-    shutdown_timeout: float = 30.0
-    """Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled."""
-    warmup: bool = True
-    """Run one short generation at start-up before reporting ready."""
 
 
 @dataclass(slots=True)
@@ -56,3 +44,13 @@ class ServerState:
     tracing: Tracing | None = None
     """OpenTelemetry request traces (:mod:`rocmforge.server.tracing`); None: off. The app's
     lifespan shuts it down (exporting what is still batched) at exit."""
+
+    workers: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 2, thread_name_prefix="rocmforge-cpu"))
+    """Threads for the routes' CPU work (tokenizing, chat templates, decoding): off the event
+    loop, and no more at once than there are cores, so the engine thread keeps its share."""
+
+    @property
+    def model_name(self) -> str:
+        """The id clients use in ``model`` fields: the configured one, or the file's stem."""
+        return self.config.model_name or Path(self.model_path).stem

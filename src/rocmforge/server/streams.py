@@ -1,4 +1,10 @@
-"""Helpers shared by the routes: submitting, awaiting with disconnect detection, SSE framing."""
+"""Helpers shared by the routes: submitting, awaiting with disconnect detection, SSE framing,
+and the JSON encoding of every answer.
+
+JSON is written as UTF-8 with non-ASCII characters as they are, except where a string holds a
+lone surrogate (an error message quoting what a client sent): that body is written with ASCII
+escapes instead, which is valid JSON for any string, so no answer can fail to encode.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from rocmforge.engine.request_status import RequestStatus
 from rocmforge.engine.request_stream import RequestStream
@@ -84,9 +91,26 @@ def generation_error(request_id: str, message: str | None) -> dict[str, Any]:
                       "param": None, "request_id": request_id}}
 
 
+def dumps(data: Any, *, allow_nan: bool = True) -> str:
+    """JSON text that always encodes to UTF-8 (module docstring)."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=allow_nan)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, allow_nan=allow_nan)
+    return text
+
+
+class SafeJSONResponse(JSONResponse):
+    """The app's JSON response: :func:`dumps`, never a failed encode."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content, allow_nan=False).encode("utf-8")  # as starlette's JSONResponse
+
+
 def sse(data: Any, event: str | None = None) -> str:
     prefix = f"event: {event}\n" if event else ""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    payload = data if isinstance(data, str) else dumps(data)
     return f"{prefix}data: {payload}\n\n"
 
 

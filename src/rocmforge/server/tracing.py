@@ -75,7 +75,7 @@ except ImportError as exc:  # the `otlp` extra is not installed: tracing_from_se
 
 if TYPE_CHECKING:
     from rocmforge.server.middleware import Message, Scope, Send
-    from rocmforge.settings import Settings
+    from rocmforge.settings import SettingsBase
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def setup_tracing(exporter: SpanExporter, *, batch: bool = True) -> Tracing:
     return Tracing(provider)
 
 
-def tracing_from_settings(settings: Settings) -> Tracing | None:
+def tracing_from_settings(settings: SettingsBase) -> Tracing | None:
     """OTLP tracing when an endpoint is configured and the packages are installed; else None
     (with a warning when tracing was asked for but cannot run). The exporter reads the
     ``OTEL_EXPORTER_OTLP_*`` variables (endpoint, headers, timeout) itself."""

@@ -52,6 +52,8 @@ class SyntheticSpec:
     """HF ``rope_scaling``: ``{"rope_type": "linear", "factor": f}`` or llama-3 style
     ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
     "original_max_position_embeddings"}``."""
+    chat_template: str = CHATML_TEMPLATE
+    """``tokenizer.chat_template`` (tests write hostile ones)."""
 
     @property
     def head_dim(self) -> int:
@@ -162,7 +164,7 @@ def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_chat_template(spec.chat_template)
 
 
 def _vocabulary(vocab_size: int) -> tuple[list[str], list[str]]:

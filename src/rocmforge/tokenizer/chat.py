@@ -1,110 +1,60 @@
 """Chat templates: a model's Jinja template rendered the way HF ``apply_chat_template`` does.
 
-In: the template source (``tokenizer.chat_template``), and per request a list of messages
-(each a mapping with a string ``role`` and string ``content``) plus template variables.
-Out: the prompt text, special tokens written out as text (the tokenizer parses them).
+In: the template source (``tokenizer.chat_template``) and its :class:`TemplateLimits`, and
+per request a list of messages (each a mapping with a string ``role`` and string
+``content``) plus template variables.  Out: the prompt text, control tokens written out as
+text (:meth:`~rocmforge.tokenizer.Tokenizer.encode_chat` turns it into ids so that control
+tokens come only from the template).
 
-The template is untrusted code from a model file, so it runs in Jinja's immutable sandbox
-(no attribute access to internals, no mutation of the messages, bounded ``range``); unlike
-Jinja's default, touching an unsafe attribute raises instead of rendering as empty.  The
-environment matches HF's: ``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, the
-``{% generation %}`` tag, ``raise_exception``, ``strftime_now`` and a ``tojson`` that does
-not HTML-escape.  Every failure -- syntax, runtime, sandbox, invalid messages -- is a
-:class:`~rocmforge.errors.ChatTemplateError` with the cause chained.
+The template is untrusted code from a model file.  It runs in Jinja's immutable sandbox
+(:mod:`.template_sandbox`: no attribute access to internals, no mutation of the messages;
+unlike Jinja's default, touching an unsafe attribute raises instead of rendering as empty)
+and under a budget (:mod:`.template_limits`): a deadline, a number of loop iterations and
+macro calls, a size limit on the output and on every value it builds, and a total of what
+it may allocate.  The environment matches HF's: ``trim_blocks``, ``lstrip_blocks``,
+``loopcontrols``, the ``{% generation %}`` tag, ``raise_exception``, ``strftime_now`` and a
+``tojson`` that does not HTML-escape.  The output is consumed chunk by chunk, so its size
+and the deadline are checked as it grows.
+
+Every failure -- syntax, runtime, sandbox, a limit hit (the message names it, and
+``details["limit"]`` holds it), memory, recursion, invalid messages, text that is not valid
+Unicode -- is a :class:`~rocmforge.errors.ChatTemplateError` with the cause chained.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any, NoReturn
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jinja2
-from jinja2 import nodes
 from jinja2.exceptions import SecurityError
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rocmforge.errors import ChatTemplateError
-
-# Python errors a template can trigger at run time besides Jinja's own (``{{ 1 / 0 }}``,
-# ``{{ messages[99] }}``, ``{{ 'a' + 1 }}``, ``range(10**9)``, runaway recursion).
-_RUNTIME_ERRORS = (
-    jinja2.TemplateError,
-    TypeError,
-    ValueError,
-    LookupError,
-    ArithmeticError,
-    AttributeError,
-    RecursionError,
+from rocmforge.tokenizer.chat_inputs import scan_strings
+from rocmforge.tokenizer.template_limits import (
+    BudgetExceeded,
+    RenderBudget,
+    TemplateLimits,
+    budget_scope,
 )
-
-
-class _TemplateRaised(jinja2.TemplateError):
-    """What ``raise_exception(message)`` inside a template raises."""
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    """HF's ``tojson``: plain ``json.dumps`` (Jinja's built-in one HTML-escapes)."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-class _GenerationTag(Extension):
-    """``{% generation %}...{% endgeneration %}`` (HF marks assistant spans): renders the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_render_body"), [], [], body).set_lineno(lineno)
-
-    def _render_body(self, caller: Any) -> str:
-        return str(caller())
-
-
-class _StrictSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, but an unsafe attribute access is an error, not an empty value."""
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        raise SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-        )
-
-
-@functools.cache
-def _environment() -> _StrictSandbox:
-    env = _StrictSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
+from rocmforge.tokenizer.template_sandbox import TemplateRaised, sandbox_environment
+from rocmforge.tokenizer.unicode_text import find_lone_surrogate, invalid_unicode_message
 
 
 class ChatTemplate:
     """A compiled chat template.  Compiling happens here, so a broken template fails early."""
 
-    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+    limits: TemplateLimits
+    """What each render may spend; assign another :class:`TemplateLimits` to change it."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        bos_token: str = "",
+        eos_token: str = "",
+        limits: TemplateLimits | None = None,
+    ) -> None:
         """Compile ``source``; ``bos_token``/``eos_token`` are the texts templates see by default.
 
         Raises :class:`ChatTemplateError` when the source is not a valid template.
@@ -114,12 +64,8 @@ class ChatTemplate:
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
-        try:
-            self._template = _environment().from_string(source)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ChatTemplateError(
-                f"chat template has a syntax error at line {exc.lineno}: {exc.message}"
-            ) from exc
+        self.limits = limits if limits is not None else TemplateLimits()
+        self._template = _compile(source)
 
     def render(
         self,
@@ -133,27 +79,85 @@ class ChatTemplate:
 
         ``bos_token``/``eos_token`` default to the tokenizer's; ``extra`` (``tools``,
         ``documents``, ``enable_thinking``, ...) is passed to the template as variables.
-        Raises :class:`ChatTemplateError` for invalid messages or when the template fails,
-        including when it calls ``raise_exception`` (the template's message is kept).
+        Raises :class:`ChatTemplateError` for invalid messages, strings that are not valid
+        Unicode, or when the template fails or goes over a limit, including when it calls
+        ``raise_exception`` (the template's message is kept).
         """
         validate_messages(messages)
+        input_chars = scan_strings(messages, "messages")
+        for name, value in extra.items():
+            input_chars += scan_strings(value, name)
+        variables = {
+            **extra,
+            "messages": list(messages),
+            "add_generation_prompt": add_generation_prompt,
+            "bos_token": self.bos_token if bos_token is None else bos_token,
+            "eos_token": self.eos_token if eos_token is None else eos_token,
+        }
+        text = self._run(variables, input_chars)
+        index = find_lone_surrogate(text)
+        if index is not None:
+            message = invalid_unicode_message("the rendered chat prompt", text, index)
+            raise ChatTemplateError(message)
+        return text
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate({len(self.source)} chars, {self.limits})"
+
+    def _run(self, variables: dict[str, Any], input_chars: int) -> str:
         try:
-            return self._template.render(
-                messages=list(messages),
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token if bos_token is None else bos_token,
-                eos_token=self.eos_token if eos_token is None else eos_token,
-                **extra,
-            )
-        except _TemplateRaised as exc:
+            with budget_scope(self.limits, input_chars) as budget:
+                return _collect(self._template.generate(**variables), budget)
+        except BudgetExceeded as exc:
+            raise ChatTemplateError(str(exc), limit=exc.limit) from exc
+        except TemplateRaised as exc:
             raise ChatTemplateError(f"chat template rejected the conversation: {exc}") from exc
         except SecurityError as exc:
             raise ChatTemplateError(f"chat template violated the sandbox: {exc}") from exc
-        except _RUNTIME_ERRORS as exc:
+        except RecursionError as exc:
+            raise ChatTemplateError(
+                f"chat template exceeded its recursion limit: {exc}", limit="recursion"
+            ) from exc
+        except MemoryError as exc:
+            raise ChatTemplateError(
+                "chat template exceeded the memory available while rendering", limit="memory"
+            ) from exc
+        except Exception as exc:  # untrusted code: any other error is the template's failure
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
 
-    def __repr__(self) -> str:
-        return f"ChatTemplate({len(self.source)} chars)"
+
+def _compile(source: str) -> jinja2.Template:
+    try:
+        return sandbox_environment().from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(
+            f"chat template has a syntax error at line {exc.lineno}: {exc.message}"
+        ) from exc
+    except (RecursionError, MemoryError) as exc:
+        raise ChatTemplateError(
+            f"chat template is too deeply nested to compile: {type(exc).__name__}"
+        ) from exc
+    except Exception as exc:  # untrusted source: whatever the compiler raises is its failure
+        raise ChatTemplateError(
+            f"chat template cannot be compiled: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _collect(stream: Iterator[str], budget: RenderBudget) -> str:
+    """Join the render's output, checking its size and the deadline at every chunk."""
+    parts: list[str] = []
+    size = 0
+    try:
+        for chunk in stream:
+            size += len(chunk)
+            budget.check_size(size, "the rendered prompt")
+            budget.check_time()
+            parts.append(chunk)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return "".join(parts)
 
 
 def validate_messages(messages: Any) -> None:

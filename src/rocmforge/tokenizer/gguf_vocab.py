@@ -15,7 +15,10 @@ Which builder runs is a table keyed by ``tokenizer.ggml.model``:
 
 Control and unknown tokens become special added tokens, user-defined tokens plain added
 tokens (both matched whole in the text, never normalized); user-defined tokens are not
-"special" because llama.cpp prints them even when it hides special tokens.
+"special" because llama.cpp prints them even when it hides special tokens, and matches
+them even when it does not parse special tokens -- the tokenizer's plain-text copy of the
+backend (``encode_special_tokens``) skips exactly the special ones, as llama.cpp's
+``parse_special=false`` does.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ ids, BOS/EOS flags and the chat template come from the metadata when it is given
 otherwise from ``tokenizer_config.json`` (and ``chat_template.jinja``) beside the file,
 with BOS/EOS flags read off the file's post-processor when the config does not set them.
 Token types are derived from the file's added tokens (special -> control, others ->
-user-defined); how token text maps to bytes from its decoder.
+user-defined, so ``encode(parse_special=False)`` treats them as llama.cpp does); how token
+text maps to bytes from its decoder.  Truncation and padding the file configures are
+turned off: the engine checks prompt lengths itself and never wants pad tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def parts_from_file(path: str | Path, metadata: Mapping[str, Any] | None = None)
         backend = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises plain Exception for a bad file
         raise TokenizerError(f"{path}: not a valid tokenizer.json: {exc}") from exc
+    if backend.truncation is not None or backend.padding is not None:
+        logger.info("%s: ignoring the truncation/padding the file configures", path)
+        backend.no_truncation()
+        backend.no_padding()
 
     vocab = backend.get_vocab(with_added_tokens=True)
     if not vocab:

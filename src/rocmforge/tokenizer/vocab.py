@@ -57,7 +57,9 @@ class TokenizerParts:
     """Everything a :class:`~rocmforge.tokenizer.Tokenizer` is made of."""
 
     backend: tokenizers.Tokenizer
-    """Encodes text (special tokens in the text are parsed) and decodes ids; adds no BOS/EOS."""
+    """Encodes text (special tokens in the text are parsed) and decodes ids; adds no BOS/EOS.
+    Special added tokens must be exactly the control and unknown tokens: the tokenizer's
+    plain-text copy of it (``encode_special_tokens``) stops matching those."""
     tokens: tuple[str, ...]
     """Token text by id, exactly as the vocabulary stores it."""
     token_types: tuple[int, ...]
