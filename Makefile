@@ -1,10 +1,12 @@
 # The two front-door commands (see README):
 #   make demo   set everything up, fetch the default model, generate text with it
 #   make test   set everything up, fetch the default model, run the test suite
+# and, for CI and contributors:
+#   make lint   ruff, mypy and the import contracts (pyproject.toml holds their rules)
 PROMPT ?= The capital of France is
 VENV := .venv/bin
 
-.PHONY: setup setup-test pull demo test bench clean
+.PHONY: setup setup-test pull demo test lint bench clean
 
 setup:
 	scripts/bootstrap.sh
@@ -21,8 +23,13 @@ demo: setup pull
 test: setup-test pull
 	$(VENV)/python -m pytest -q
 
+lint: setup-test
+	$(VENV)/ruff check .
+	$(VENV)/mypy
+	$(VENV)/lint-imports
+
 bench: setup pull
 	$(VENV)/python benchmarks/cpu_decode.py
 
 clean:
-	rm -rf .venv .pytest_cache .hypothesis
+	rm -rf .venv .pytest_cache .hypothesis .mypy_cache .ruff_cache

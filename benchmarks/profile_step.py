@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from gguf import GGMLQuantizationType
+from torch.profiler import ProfilerActivity, profile
 
 from rocmforge import LLM, SamplingParams
 from rocmforge.synthetic import LLAMA_3_1_8B, LLAMA_3_2_1B, q4_k_m_types, write_random_gguf

@@ -15,8 +15,8 @@ from rocmforge.errors import ConfigError, DeviceError, DeviceOutOfMemoryError
 from rocmforge.llm import LLM
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.settings import Settings
-from rocmforge.testing.fault_spec import FaultInjection
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
+from rocmforge.testing.fault_spec import FaultInjection
 
 SPEC = SyntheticSpec(tie_embeddings=False, max_context=256)
 OOM_MESSAGE = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)"
@@ -113,7 +113,7 @@ def gpu_that_runs_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_resolve(spec: str, gpu_index: int = 0, *, fail_gpu_init: bool = False) -> torch.device:
         return torch.device("cpu") if spec == "cpu" else torch.device("cuda", 0)
 
-    def load(gguf, *, device, **kwargs):  # noqa: ANN001, ANN003, ANN202 - mirrors load_model
+    def load(gguf, *, device, **kwargs):
         if device.type == "cuda":
             raise torch.cuda.OutOfMemoryError(OOM_MESSAGE)
         return real_load(gguf, device=device, **kwargs)
@@ -147,7 +147,7 @@ def gpu_too_small(monkeypatch: pytest.MonkeyPatch) -> None:
     check says before anything is loaded on it."""
     real_load = placement_module.load_model
 
-    def load(gguf, *, device, **kwargs):  # noqa: ANN001, ANN003, ANN202 - mirrors load_model
+    def load(gguf, *, device, **kwargs):
         if device.type == "cuda":
             raise AssertionError("the weights were placed on a GPU that cannot hold them")
         return real_load(gguf, device=device, **kwargs)

@@ -296,7 +296,7 @@ def test_human_format_colour_and_traceback() -> None:
     stream = io.StringIO()
     setup_logging("info", "human", stream=stream, color=True)
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         logging.getLogger("rocmforge.x").exception("failed")
     first, *rest = stream.getvalue().splitlines()

@@ -19,7 +19,7 @@ _EXPORTS = {
     "TokenLogprobs": "rocmforge.outputs",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = ["LLM", "Completion", "RequestOutput", "SamplingParams", "TokenLogprobs", "__version__"]
 
 if TYPE_CHECKING:
     from rocmforge.llm import LLM

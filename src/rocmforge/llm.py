@@ -298,12 +298,14 @@ def _bytes(n: int) -> str:
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-        return [prompts]  # one prompt given as token ids
-    for p in prompts:
-        if not isinstance(p, str) and not (
-            isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
-        ):
+    items: list[Any] = list(prompts)
+    if items and all(_is_id(p) for p in items):
+        return [items]  # one prompt given as token ids
+    for p in items:
+        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(_is_id(t) for t in p)):
             raise InvalidRequestError("a prompt must be a string or a list of token ids", param="prompt")
-    return prompts
+    return items
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -25,8 +25,8 @@ sampler, resource attributes) is the OpenTelemetry SDK's own business: it reads 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import (
@@ -47,7 +47,7 @@ from rocmforge.errors import ConfigError
 from rocmforge.logs import FORMATS, parse_level_spec
 from rocmforge.testing.fault_spec import FaultInjection
 
-C = TypeVar("C")
+C = TypeVar("C", bound=object)
 
 OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 """The OTLP transports the Python exporters implement (``http/json`` has none)."""
@@ -170,7 +170,8 @@ DERIVED_CONFIGS: tuple[type, ...] = (*ENGINE_PARTS.values(), ServerConfig)
 
 def _build(settings: SettingsBase, config_class: type[C]) -> C:
     values = {}
-    for spec in config_fields(config_class):
+    specs: tuple[ConfigField, ...] = config_fields(config_class)  # type: ignore[arg-type]  # a class is hashable
+    for spec in specs:
         value = getattr(settings, spec.name)
         values[spec.name] = value.get_secret_value() if isinstance(value, SecretStr) else value
     return config_class(**values)
@@ -215,7 +216,7 @@ def load_settings(**overrides: object) -> SettingsBase:
     An invalid value raises :class:`ConfigError` whose one-line message names where it came
     from (the variable, e.g. ``ROCMFORGE_MAX_NUM_SEQS``, or the ``--max-num-seqs`` flag) and
     what is wrong with it."""
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**given)
     except ValidationError as exc:
@@ -229,7 +230,7 @@ def load_settings(**overrides: object) -> SettingsBase:
         raise ConfigError(f"invalid setting {where}: the value does not parse ({exc})", param=field) from None
 
 
-def _config_error(exc: ValidationError, given: dict[str, object]) -> ConfigError:
+def _config_error(exc: ValidationError, given: dict[str, Any]) -> ConfigError:
     """One line for pydantic's (multi-line) report: each bad setting, its source and why."""
     problems: list[str] = []
     first: str | None = None

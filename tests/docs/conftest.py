@@ -20,11 +20,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 
-from doc_blocks import DOCS_DIR, blocks, read  # noqa: E402
-from live_server import Server, stop_server  # noqa: E402
-from spawned_server import wait_ready  # noqa: E402
+from doc_blocks import DOCS_DIR, blocks, read
+from live_server import Server, stop_server
+from spawned_server import wait_ready
 
-from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf  # noqa: E402
+from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
 
 DOCS_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
 DOCS_SPEC = SyntheticSpec(vocab_size=49152, max_context=8192)

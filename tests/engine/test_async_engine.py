@@ -20,9 +20,9 @@ import pytest
 
 from rocmforge import LLM, SamplingParams
 from rocmforge.engine.async_engine import AsyncEngine
-from rocmforge.engine.request_stream import RequestStream
 from rocmforge.engine.llm_engine import LLMEngine
 from rocmforge.engine.request import RequestState
+from rocmforge.engine.request_stream import RequestStream
 from rocmforge.engine.scheduler import RunnerOutput, SchedulerOutput
 from rocmforge.errors import (
     ContextLengthExceededError,

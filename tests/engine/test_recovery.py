@@ -24,8 +24,8 @@ from tiny_engine import StepRecorder, assert_pool_idle
 
 import rocmforge.engine.recovery as recovery_module
 from rocmforge import LLM, SamplingParams
-from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.config import CacheConfig, SchedulerConfig
+from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.engine.recovery import RecoveryPolicy
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.engine.scheduler import RunnerOutput, Scheduler, StepLimits

@@ -405,12 +405,13 @@ def test_stop_string_completed_by_the_last_allowed_token_is_a_stop(make_llm) -> 
     llm = make_llm(max_num_seqs=40)
     candidates = [[(5 * i + 11 * j) % 300 + 3 for j in range(2 + i % 7)] for i in range(40)]
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    for prompt, full in zip(candidates, llm.generate(candidates, greedy)):
+    for full in llm.generate(candidates, greedy):
         stop = full.text[-3:]
         if len(stop) == 3 and _clean(stop) and stop not in full.text[:-1]:
             break
     else:
         pytest.fail("no candidate ends with a clean 3-character text: widen the search")
+    prompt = full.prompt_token_ids
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, stop=[stop])
     [out] = llm.generate([prompt], params)
     assert out.token_ids == full.token_ids and out.text == full.text[:-3]

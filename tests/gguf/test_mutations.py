@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import io
 import json
@@ -508,7 +509,7 @@ def _step(action: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
     except RocmForgeError as exc:
         record = {"outcome": "typed", "type": type(exc).__name__, "message": str(exc),
                   "mro": [cls.__name__ for cls in type(exc).__mro__]}
-    except BaseException as exc:  # noqa: BLE001 - exactly what the test looks for
+    except BaseException as exc:
         record = {"outcome": "crash", "type": type(exc).__name__, "message": str(exc)[:2000],
                   "traceback": traceback.format_exc()[-3000:]}
     finally:
@@ -553,9 +554,9 @@ def child_main(manifest_path: Path, results_path: Path) -> None:
     with open(results_path, "w") as results:
         for entry in json.loads(manifest_path.read_text()):
             path = Path(entry["path"])
-            inspect_record, model_error = _step(lambda: _inspect(path))
+            inspect_record, model_error = _step(functools.partial(_inspect, path))
             inspect_record["model_error"] = model_error
-            llm_record, _ = _step(lambda: _load_and_generate(path))
+            llm_record, _ = _step(functools.partial(_load_and_generate, path))
             gc.collect()
             results.write(json.dumps({"name": entry["name"], "inspect": inspect_record, "llm": llm_record}) + "\n")
             results.flush()

@@ -25,8 +25,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from rocmforge.kernels import kernels_usable  # noqa: E402
-from rocmforge.kernels.fused import (  # noqa: E402
+from rocmforge.kernels import kernels_usable
+from rocmforge.kernels.fused import (
     apply_rotary_and_write_kv,
     apply_rotary_and_write_kv_reference,
     rms_norm,
@@ -34,7 +34,7 @@ from rocmforge.kernels.fused import (  # noqa: E402
     silu_and_mul,
     silu_and_mul_reference,
 )
-from rocmforge.models.layers import RotaryEmbedding  # noqa: E402
+from rocmforge.models.layers import RotaryEmbedding
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = DEVICE.type == "cpu"

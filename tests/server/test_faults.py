@@ -20,7 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 from live_server import HTTP_TIMEOUT, Server, assert_error_shape, stop_server
-from spawned_server import Background, stream_events, spawn_server, wait_for, wait_ready
+from spawned_server import Background, spawn_server, stream_events, wait_for, wait_ready
 
 from rocmforge.engine.request import FinishReason
 from rocmforge.errors import ConfigError, DeviceError
@@ -204,7 +204,7 @@ def test_a_failing_request_gets_an_error_while_the_others_complete(faulty_server
         log = faulty_server.log()
         assert any("batched step of" in line and "'boom-plain'" in line for line in log.splitlines()), log
 
-        for rid, background in streams.items():
+        for background in streams.values():
             rest = background.result(60.0)
             assert rest[-1].event == "done", rest[-3:]
             done = rest[-1].json()

@@ -7,8 +7,8 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from live_server import MODEL_NAME, TINY_SPEC, assert_error_shape, metric_values
 from httpx_sse import connect_sse
+from live_server import MODEL_NAME, TINY_SPEC, assert_error_shape, metric_values
 
 from rocmforge import LLM, SamplingParams
 

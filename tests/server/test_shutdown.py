@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from live_server import HTTP_TIMEOUT, LONG_MAX_TOKENS, STOP_TIMEOUT_S, Server, assert_error_shape, stop_server
-from spawned_server import Background, stream_events, probe_ready, spawn_server, wait_for, wait_ready
+from spawned_server import Background, probe_ready, spawn_server, stream_events, wait_for, wait_ready
 
 SHUTDOWN_TIMEOUT_S = 2.0
 EXIT_MARGIN_S = 4.0

@@ -25,15 +25,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from rocmforge import LLM
+from rocmforge.config import ServerConfig
 from rocmforge.engine.async_engine import AsyncEngine
 from rocmforge.logs import RequestContextFilter
 from rocmforge.server.app import create_app
-from rocmforge.config import ServerConfig
 from rocmforge.server.state import ServerState
 from rocmforge.server.tracing import OTLP_EXPORTERS, Tracing, setup_tracing, tracing_from_settings
 from rocmforge.settings import Settings
-from rocmforge.testing.fault_spec import FaultInjection
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
+from rocmforge.testing.fault_spec import FaultInjection
 
 SPEC = SyntheticSpec(tie_embeddings=False)
 PROMPT = [5, 17, 42, 99, 7, 3]

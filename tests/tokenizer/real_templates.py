@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (the templates are verbatim: their long lines are theirs)
+
 """Chat templates as published with real models, for the tests that render them.
 
 Each is the ``chat_template`` of the model's ``tokenizer_config.json`` (whitespace and all),

@@ -367,11 +367,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _size(n: int) -> str:
+    value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
 
 
 def main() -> None:
@@ -379,7 +380,7 @@ def main() -> None:
     becomes one line on stderr and a documented exit code."""
     try:
         app()
-    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, an exit code
+    except Exception as exc:
         sys.exit(_report(exc))
 
 

@@ -98,9 +98,7 @@ class AsyncEngine:
         cancel the rest and stop the thread. Idempotent."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if self._loop.thread is None:  # never started: nothing runs, nothing to drain
-            self._loop.accepting = False
-            self._loop.closed = True
+        if self._loop.close_if_unstarted():  # never started: nothing runs, nothing to drain
             return
         if not self._loop.post(Shutdown(time.monotonic() + max(timeout, 0.0), Reply(loop, future))):
             return

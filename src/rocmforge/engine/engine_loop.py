@@ -133,6 +133,15 @@ class EngineLoop:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
+    def close_if_unstarted(self) -> bool:
+        """Shut a loop whose thread never started (nothing to drain): True if it was one."""
+        with self._cond:
+            if self._thread is not None:
+                return False
+            self.accepting = False
+            self.closed = True
+            return True
+
     def post(self, command: Command) -> bool:
         """Queue a command and wake the thread (starting it on first use). False, nothing
         queued, once the thread has exited; a submit while not accepting is refused here."""

@@ -51,7 +51,13 @@ from rocmforge.errors import DeviceError
 from rocmforge.gguf import GGUFFile
 from rocmforge.kernels import is_kernel_error
 from rocmforge.models.config import ModelConfig
-from rocmforge.models.loader import LoadedModel, ProgressCallback, load_model, placed_weight_bytes, resolve_weight_format
+from rocmforge.models.loader import (
+    LoadedModel,
+    ProgressCallback,
+    load_model,
+    placed_weight_bytes,
+    resolve_weight_format,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rocmforge.engine.block_manager import BlockManager
 from rocmforge.config import CacheConfig, SchedulerConfig
+from rocmforge.engine.block_manager import BlockManager
 from rocmforge.engine.request import FinishReason, Request, RequestState
 from rocmforge.errors import (
     ConfigError,

@@ -330,7 +330,7 @@ def quant_matmul(
         DECODERS[qtype],
         config.block_m, config.block_n, config.block_k,
     )  # fmt: skip
-    if gemv:
+    if isinstance(config, GemvConfig):
         _gemv_kernel[(n_tiles, split_k, m_tiles)](*args, num_warps=config.num_warps, enable_fp_fusion=True)
     else:
         _tiled_kernel[(m_tiles, n_tiles, split_k)](

@@ -51,6 +51,8 @@ class RotaryEmbedding(nn.Module):
     positions by ``position_scale``.
     """
 
+    inv_freq: torch.Tensor
+
     def __init__(
         self,
         head_dim: int,

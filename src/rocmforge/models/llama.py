@@ -117,30 +117,33 @@ class LlamaForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        # nn.Module: the loader may put a GGUF-block embedding and a quantized head here.
+        self.embed_tokens: nn.Module = Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.rope_theta,
             freq_factors=rope_freq_factors,
             position_scale=config.rope_scaling.factor if config.rope_scaling else 1.0,
         )
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.decoder_layers = [DecoderLayer(config, backend) for _ in range(config.num_layers)]
+        """The layers, typed (``layers`` holds the same modules, registered)."""
+        self.layers = nn.ModuleList(self.decoder_layers)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied embeddings: the loader points lm_head.weight at the embedding matrix.
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.lm_head: nn.Module = Linear(config.hidden_size, config.vocab_size)
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Attach the runner's per-layer (K, V) cache tensors to the attention layers."""
-        if len(caches) != len(self.layers):
-            raise ValueError(f"expected {len(self.layers)} KV cache pairs, got {len(caches)}")
-        for layer, (k_cache, v_cache) in zip(self.layers, caches):
+        if len(caches) != len(self.decoder_layers):
+            raise ValueError(f"expected {len(self.decoder_layers)} KV cache pairs, got {len(caches)}")
+        for layer, (k_cache, v_cache) in zip(self.decoder_layers, caches):
             layer.self_attn.k_cache = k_cache
             layer.self_attn.v_cache = v_cache
 
     def unbind_kv_cache(self) -> None:
         """Drop the references to a runner's cache tensors (a discarded profiling runner's
         pool is freed only then)."""
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             layer.self_attn.k_cache = layer.self_attn.v_cache = None
 
     def forward(
@@ -152,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rotation = self.rotary(positions)
         residual = None  # the first layer starts the residual stream (block_count >= 1)
-        for layer in self.layers:
+        for layer in self.decoder_layers:
             x, residual = layer(x, residual, rotation, metadata)
         return self.norm(x, residual)[0]
 

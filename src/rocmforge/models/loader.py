@@ -28,6 +28,7 @@ from rocmforge.gguf import GGUFFile, TensorInfo
 from rocmforge.gguf.dequant import Q4_TYPES, dequantize, split_q4
 from rocmforge.kernels import kernels_usable
 from rocmforge.models.config import ModelConfig
+from rocmforge.models.layers import Linear
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.models.validate import (
     LAYER_LINEARS,
@@ -99,12 +100,12 @@ def load_model(
     if embedding is not None:
         model.embed_tokens = embedding
         del params["embed_tokens.weight"]
-    linears = {} if tied else {"lm_head": ((OUTPUT,), ())}
+    linears: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {} if tied else {"lm_head": ((OUTPUT,), ())}
     for i in range(config.num_layers):
         params.update({f"layers.{i}.{p}": f"blk.{i}.{name}" for p, name in LAYER_PARAMS.items()})
-        for module, (weights, biases) in LAYER_LINEARS.items():
+        for path, (weights, biases) in LAYER_LINEARS.items():
             bias_names = tuple(f"blk.{i}.{b}" for b in biases) if config.arch.qkv_bias else ()
-            linears[f"layers.{i}.{module}"] = (tuple(f"blk.{i}.{w}" for w in weights), bias_names)
+            linears[f"layers.{i}.{path}"] = (tuple(f"blk.{i}.{w}" for w in weights), bias_names)
 
     total = len(params) + len(linears)
     named = dict(model.named_parameters())
@@ -114,6 +115,8 @@ def load_model(
     for done, (module_name, (weights, biases)) in enumerate(linears.items(), start=len(params) + 1):
         bias = torch.cat([loader.dense(b, dtype) for b in biases]) if biases else None
         module = model.get_submodule(module_name)
+        if not isinstance(module, Linear):
+            raise TypeError(f"{module_name} is a {type(module).__name__}, not the dense layer the loader fills")
         shape = (module.out_features, module.in_features)
         replacement = loader.quantized_linear(kernels, weights, bias, shape) if kernels else None
         if replacement is not None:
@@ -122,13 +125,13 @@ def load_model(
         else:
             _fill(module.weight, torch.cat([loader.dense(w, dtype) for w in weights]), weights, gguf)
             if bias is not None:
-                _fill(module.bias, bias, biases, gguf)
+                _fill(module.get_parameter("bias"), bias, biases, gguf)
         _report(progress, done, total)
     if tied:
         if embedding is not None:  # the head reads the embedding's blocks: one copy on the device
             model.lm_head = GGUFLinear([(embedding.blocks, embedding.ggml_type)], in_features=embedding.dim)
         elif kernels == "cpu":
-            model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.weight)
+            model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.get_parameter("weight"))
         else:
             model.lm_head.weight = model.embed_tokens.weight
 
@@ -175,7 +178,7 @@ def placed_weight_bytes(gguf: GGUFFile, dtype: torch.dtype, weight_format: Weigh
     return total
 
 
-def _fill(param: torch.nn.Parameter, tensor: torch.Tensor, sources: tuple[str, ...], gguf: GGUFFile) -> None:
+def _fill(param: torch.Tensor, tensor: torch.Tensor, sources: tuple[str, ...], gguf: GGUFFile) -> None:
     _check_shape(tensor.shape, tuple(param.shape), sources, gguf)
     param.data = tensor
 

@@ -17,6 +17,8 @@ from torch import nn
 
 
 class GGUFEmbedding(nn.Module):
+    blocks: torch.Tensor
+
     def __init__(self, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, dim: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.ggml_type = GGMLQuantizationType(ggml_type)

@@ -37,8 +37,9 @@ class Int4Linear(nn.Module):
         """``codes``: uint8 ``[out, in]`` in 0..15; ``scale``/``zero``: ``[out, in // 32]``
         with ``w = (code - 8) * scale + zero``."""
         super().__init__()
-        if _PACK is None:
+        if _PACK is None or _KERNEL is None:
             raise RuntimeError("this torch build has no CPU int4 matmul kernel")
+        self._kernel = _KERNEL
         self.out_features, self.in_features = codes.shape
         self.register_buffer("packed", _PACK(codes.to(torch.int32).contiguous(), 1), persistent=False)
         # The kernel wants [in // group, out, 2] (scale, zero) in the activation dtype.
@@ -48,7 +49,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = _KERNEL(rows, self.packed, Q4_GROUP, self.scales_zeros)
+        y = self._kernel(rows, self.packed, Q4_GROUP, self.scales_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -62,6 +63,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         if _INT8_KERNEL is None:
             raise RuntimeError("this torch build has no CPU int8 weight-only matmul kernel")
+        self._kernel = _INT8_KERNEL
         self.out_features, self.in_features = weight.shape
         scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         codes = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -71,5 +73,5 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = _INT8_KERNEL(rows, self.codes, self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = self._kernel(rows, self.codes, self.scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y

@@ -22,11 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from rocmforge import __version__
 from rocmforge.device import memory_usage
 from rocmforge.engine.memory import MemoryPlan
+from rocmforge.sampling_params import SamplingParams
 from rocmforge.server import native, openai_api
 from rocmforge.server.errors import install_error_handlers
 from rocmforge.server.metrics import HttpMetrics, HttpMetricsMiddleware, make_registry, render
 from rocmforge.server.middleware import RequestContextMiddleware
-from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import SafeJSONResponse
 

@@ -115,13 +115,13 @@ def encode_weight(weight: np.ndarray, qtype: GGMLQuantizationType, rng: np.rando
         raw = rng.integers(0, 256, size=(rows, cols // block, type_size), dtype=np.uint8)
         unit = np.ones((rows, cols // block), dtype=np.float16)
         _set_kquant_scales(raw, qtype, unit)
-        spread = float(quants.dequantize(raw.reshape(rows, -1), qtype).std())
+        spread = float(np.std(quants.dequantize(raw.reshape(rows, -1), qtype)))
         target = float(weight.std()) / spread
-        _set_kquant_scales(raw, qtype, (rng.uniform(0.5, 1.5, size=unit.shape) * target).astype(np.float16))
+        _set_kquant_scales(raw, qtype, np.asarray(rng.uniform(0.5, 1.5, size=unit.shape) * target, dtype=np.float16))
         raw = raw.reshape(rows, -1)
     else:
         raw = quants.quantize(weight, qtype)
-    return raw, quants.dequantize(raw, qtype).astype(np.float32).reshape(weight.shape)
+    return raw, np.asarray(quants.dequantize(raw, qtype), dtype=np.float32).reshape(weight.shape)
 
 
 def _set_kquant_scales(raw: np.ndarray, qtype: GGMLQuantizationType, scale: np.ndarray) -> None:

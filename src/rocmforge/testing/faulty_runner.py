@@ -96,8 +96,8 @@ def inject_faults(runner: ModelRunner, faults: FaultInjection) -> FaultInjector 
         return None
     injector = FaultInjector(runner, faults)
     # Instance attributes shadow the methods: the engine calls these, the class is untouched.
-    setattr(runner, "execute", injector.execute)
-    setattr(runner, "probe", injector.probe)
+    runner.execute = injector.execute  # type: ignore[method-assign]
+    runner.probe = injector.probe  # type: ignore[method-assign]
     logger.warning("fault injection is on (a testing aid, never for production): %s", faults)
     return injector
 
