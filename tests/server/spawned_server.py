@@ -13,14 +13,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 import pytest
 from httpx_sse import ServerSentEvent, connect_sse
-from live_server import HTTP_TIMEOUT, START_TIMEOUT_S, Server, cli_env, free_port
+from live_server import HTTP_TIMEOUT, START_TIMEOUT_S, Server, cli_env, free_port, stop_server
 
 T = TypeVar("T")
 
@@ -55,6 +56,18 @@ def wait_ready(server: Server, timeout: float = START_TIMEOUT_S) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"server not ready within {timeout:.0f} s:\n{server.log()}")
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    """Wait until a spawned server is ready, hand it over, SIGTERM it at the end and check it
+    exited 0 (a server that ignores SIGTERM fails the test)."""
+    try:
+        wait_ready(server)
+        yield server
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0, server.log()
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, interval: float = 0.02) -> T:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 from live_server import HTTP_TIMEOUT, Server, assert_error_shape, stop_server
-from spawned_server import Background, spawn_server, stream_events, wait_for, wait_ready
+from spawned_server import Background, running, spawn_server, stream_events, wait_for, wait_ready
 
 from rocmforge.engine.request import FinishReason
 from rocmforge.errors import ConfigError, DeviceError
@@ -143,14 +143,9 @@ def test_a_lost_device_makes_the_step_raise(tiny_gguf: Path) -> None:
 @pytest.fixture(scope="module")
 def faulty_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``--device auto`` with a failing GPU initialisation, and requests ``boom*`` failing."""
-    server = spawn_server(tiny_gguf, tmp_path_factory.mktemp("faulty-server"), device="auto",
-                          env={"ROCMFORGE_FAULT_INJECT": "gpu_init,forward_error:boom"})
-    try:
-        wait_ready(server)
+    with running(spawn_server(tiny_gguf, tmp_path_factory.mktemp("faulty-server"), device="auto",
+                              env={"ROCMFORGE_FAULT_INJECT": "gpu_init,forward_error:boom"})) as server:
         yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
 
 
 def test_gpu_init_failure_under_auto_falls_back_to_the_cpu(faulty_server: Server) -> None:
@@ -243,19 +238,14 @@ def test_a_lost_device_kills_the_engine_after_a_few_steps(
     SIGTERM still exits 0."""
     server = spawn_server(tiny_gguf, tmp_path_factory.mktemp("lost-device"),
                           env={"ROCMFORGE_FAULT_INJECT": "device_lost:lose"})
-    try:
-        wait_ready(server)
-        with httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
-            first = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "lose-1"})
-            assert_error_shape(first, 500)
-            codes = [client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code for _ in range(3)]
-            assert codes[-1] == 503, codes
-            health = client.get("/health")
-            assert health.status_code == 503 and "3 engine steps failed in a row" in health.json()["checks"]["engine_loop"]
-            assert_error_shape(client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}), 503, "engine_dead")
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
+    with running(server), httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT) as client:
+        first = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}, headers={"X-Request-Id": "lose-1"})
+        assert_error_shape(first, 500)
+        codes = [client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code for _ in range(3)]
+        assert codes[-1] == 503, codes
+        health = client.get("/health")
+        assert health.status_code == 503 and "3 engine steps failed in a row" in health.json()["checks"]["engine_loop"]
+        assert_error_shape(client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}), 503, "engine_dead")
 
 
 # --- a real server: forward_fatal ---------------------------------------------------------------

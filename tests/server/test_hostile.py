@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 from live_server import HTTP_TIMEOUT, TINY_SPEC, Server, assert_error_shape, stop_server, wait_until_idle
-from spawned_server import Background, spawn_server, wait_ready
+from spawned_server import Background, running, spawn_server, wait_ready
 
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
 
@@ -149,13 +149,8 @@ def hostile_template_server(tmp_path_factory: pytest.TempPathFactory) -> Iterato
     spec = SyntheticSpec(tie_embeddings=False, max_context=512, chat_template=NESTED_LOOPS)
     path = tmp_path_factory.mktemp("hostile-template") / "hostile.gguf"
     write_gguf(path, spec, random_hf_weights(spec, seed=3), seed=3)
-    server = spawn_server(path, tmp_path_factory.mktemp("hostile-template-log"))
-    try:
-        wait_ready(server)
+    with running(spawn_server(path, tmp_path_factory.mktemp("hostile-template-log"))) as server:
         yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
 
 
 def test_a_template_that_never_ends_is_stopped_by_its_budget(hostile_template_server: Server) -> None:

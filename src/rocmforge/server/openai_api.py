@@ -9,6 +9,7 @@ Bodies follow the OpenAI API (plus vLLM's extra sampling fields: ``top_k``, ``mi
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -55,14 +56,19 @@ def _choices_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 async def _submit_all(
     state: ServerState, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
 ) -> list[Any]:
-    streams = []
-    try:
-        for i, (ids, p) in enumerate(zip(prompts, params)):
-            streams.append(await submit(state, ids, p, f"{request_id}-{i}" if len(prompts) > 1 else request_id))
-    except RocmForgeError:
+    """Submit every choice at once (they are admitted in the same engine round); if any is
+    refused, the others are cancelled and the first refusal is raised."""
+    results = await asyncio.gather(
+        *(submit(state, ids, p, f"{request_id}-{i}" if len(prompts) > 1 else request_id)
+          for i, (ids, p) in enumerate(zip(prompts, params))),
+        return_exceptions=True,
+    )
+    streams = [r for r in results if not isinstance(r, BaseException)]
+    error = next((r for r in results if isinstance(r, BaseException)), None)
+    if error is not None:
         for stream in streams:
             await stream.aclose()
-        raise
+        raise error
     return streams
 
 
