@@ -773,11 +773,8 @@ class Runner:
             if plan.stream:
                 async with self.client.stream(plan.method, plan.path, json=plan.body, headers=self._headers(plan),
                                               timeout=self.timeout) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._answered(plan, response)
+                    if not await self._stream_opened(plan, response):
                         return
-                    self._answered(plan, response)
                     result = await read_stream(response, plan.api)
                 self._check_stream(plan, result, expect_normal=True)
             else:
@@ -837,6 +834,15 @@ class Runner:
         except ValueError:
             return {"failed": f"POST /cancel answered no JSON: {_short(response)}"}
 
+    async def _stream_opened(self, plan: Plan, response: httpx.Response) -> bool:
+        """Record a stream's answer; False (its error body read) when it did not open with 200."""
+        if response.status_code != 200:
+            await response.aread()
+            self._answered(plan, response)
+            return False
+        self._answered(plan, response)
+        return True
+
     async def _cancel(self, plan: Plan) -> None:
         self.stats.figures["cancels_sent"] += 1
         headers = self._headers(plan)
@@ -845,11 +851,8 @@ class Runner:
             if plan.stream:
                 async with self.client.stream(plan.method, plan.path, json=plan.body, headers=headers,
                                               timeout=self.timeout) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._answered(plan, response)
+                    if not await self._stream_opened(plan, response):
                         return
-                    self._answered(plan, response)
                     canceller = asyncio.create_task(self._send_cancel(plan, plan.cancel_after_s))
                     try:
                         result = await read_stream(response, plan.api)
@@ -895,11 +898,8 @@ class Runner:
             if plan.stream:
                 async with self.client.stream(plan.method, plan.path, json=plan.body, headers=headers,
                                               timeout=self.timeout) as response:
-                    if response.status_code != 200:
-                        await response.aread()
-                        self._answered(plan, response)
+                    if not await self._stream_opened(plan, response):
                         return
-                    self._answered(plan, response)
                     result = await read_stream(response, plan.api, close_after=plan.close_after_events)
                     # Leaving the block closes the connection: the server must cancel the request.
                 if result.final is not None or result.events < plan.close_after_events:
