@@ -1,67 +1,96 @@
-"""Prompt-processing and decode speed of one request on the CPU, against llama.cpp.
+"""Prompt-processing and decode speed, peak RSS and load time on the CPU, against llama.cpp.
 
-Runs the default model (or --gguf) with a 256-token prompt and 128 generated tokens on
---threads threads, for each --weight-format, and prints tokens/s and peak RSS. When
-llama-cpp-python is importable, llama.cpp runs the same file with the same prompt in the
-same process and the table shows rocmforge / llama.cpp ratios.
+For each model — the default model and random-weight Llama-3.2-1B-shaped files (Q4_0, Q8_0,
+Q4_K_M, written by :func:`rocmforge.synthetic.write_random_gguf`), plus an 8B-shaped Q4_K_M
+with ``--big`` — rocmforge (default settings, i.e. ``weight_format=auto``) and llama.cpp
+(llama-cpp-python) run the same token ids on the same file with the same thread count, each
+in a fresh process of its own, so that peak RSS and load time are per engine:
 
-    python benchmarks/cpu_decode.py [--gguf FILE] [--threads 2] [--formats dense,quantized]
+* prompt tok/s: one 256-token prompt (``--prompt-tokens``), to its first sampled token;
+* decode tok/s: 128 tokens (``--gen-tokens``) after an 8-token prompt, first token excluded;
+* peak RSS: the process's high-water mark (file pages of the mapped model included, as for
+  llama.cpp); load: constructing the engine, model file to ready.
+
+Each figure is the median of ``--runs``. Ratio columns are rocmforge / llama.cpp.
+``--llama-python`` names an interpreter with llama_cpp installed (default: this one).
+
+    python benchmarks/cpu_decode.py [--models default,1b-q4_0,1b-q8_0,1b-q4_k_m] [--big] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+MODELS = ("default", "1b-q4_0", "1b-q8_0", "1b-q4_k_m")
 
-from rocmforge import LLM, SamplingParams
-from rocmforge.hub import resolve_model
-from rocmforge.settings import default_models_dir
 
-PROMPT_TEXT = (
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-    "it was the season of Darkness, it was the spring of hope, it was the winter of despair. "
-)
+def prompt_ids(vocab: int, n: int) -> list[int]:
+    """Deterministic ids inside any vocabulary (no tokenizer: both engines see the same ids)."""
+    return [(17 * j + 11) % (vocab - 300) + 256 for j in range(n)]
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prompt_ids(llm: LLM, n: int) -> list[int]:
-    ids: list[int] = []
-    while len(ids) < n:
-        ids += llm.tokenize(PROMPT_TEXT)
-    return ids[:n]
+def model_file(name: str, out: Path) -> Path:
+    """The GGUF file behind a model name, written first for the random-weight ones."""
+    if name == "default":
+        from rocmforge.hub import resolve_model
+        from rocmforge.settings import default_models_dir
+
+        return Path(resolve_model(None, default_models_dir()))
+    from gguf import GGMLQuantizationType
+
+    from rocmforge.synthetic import LLAMA_3_1_8B, LLAMA_3_2_1B, q4_k_m_types, write_random_gguf
+
+    shape, kind = name.split("-", 1)
+    spec = {"1b": LLAMA_3_2_1B, "8b": LLAMA_3_1_8B}[shape]
+    path = out / f"rocmforge-bench-{name}.gguf"
+    if not path.exists():
+        chooser = q4_k_m_types(spec) if kind == "q4_k_m" else GGMLQuantizationType[kind.upper()]
+        print(f"writing {path} ...", file=sys.stderr)
+        write_random_gguf(path, spec, chooser)
+    return path
 
 
-def bench_rocmforge(path: str, weight_format: str, pp: int, tg: int, runs: int) -> tuple[float, float]:
-    llm = LLM(path, device="cpu", weight_format=weight_format, enable_prefix_caching=False)
-    ids = prompt_ids(llm, pp)
+def worker_rocmforge(path: str, threads: int, pp: int, tg: int, runs: int) -> dict[str, float]:
+    from rocmforge import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(path, device="cpu", threads=threads, enable_prefix_caching=False, max_model_len=pp + 64)
+    load = time.perf_counter() - start
+    ids = prompt_ids(llm.config.vocab_size, pp)
     llm.generate(ids[:16], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     pp_speeds, tg_speeds = [], []
     for _ in range(runs):
         start = time.perf_counter()
         llm.generate(ids, SamplingParams(max_tokens=1, temperature=0.0))
         pp_speeds.append(pp / (time.perf_counter() - start))
-        # Decode speed: time per generated token after the first (prefill excluded).
-        stamps = []
-        for _ in llm.stream(ids[:8], SamplingParams(max_tokens=tg, temperature=0.0, ignore_eos=True)):
-            stamps.append(time.perf_counter())
+        stamps = [time.perf_counter() for _ in llm.stream(ids[:8], SamplingParams(max_tokens=tg, temperature=0.0,
+                                                                                  ignore_eos=True))]
         tg_speeds.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(pp_speeds), statistics.median(tg_speeds)
+    return {"load_s": load, "pp": statistics.median(pp_speeds), "tg": statistics.median(tg_speeds),
+            "rss_mib": peak_rss_mib(), "weight_format": llm.engine_config.load.weight_format}
 
 
-def bench_llamacpp(path: str, threads: int, pp: int, tg: int, runs: int, ids: list[int]) -> tuple[float, float] | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512, verbose=False)
+def worker_llamacpp(path: str, threads: int, pp: int, tg: int, runs: int) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    start = time.perf_counter()
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=pp + 64, n_batch=512,
+                verbose=False)
+    load = time.perf_counter() - start
+    ids = prompt_ids(llm.n_vocab(), pp)
+    llm.eval(ids[:16])  # warm-up
     pp_speeds, tg_speeds = [], []
     for _ in range(runs):
         llm.reset()
@@ -71,47 +100,67 @@ def bench_llamacpp(path: str, threads: int, pp: int, tg: int, runs: int, ids: li
         llm.reset()
         llm.eval(ids[:8])
         start = time.perf_counter()
-        for _ in range(tg):
-            token = llm.sample(temp=0.0)
-            llm.eval([token])
-        tg_speeds.append(tg / (time.perf_counter() - start))
-    return statistics.median(pp_speeds), statistics.median(tg_speeds)
+        for _ in range(tg - 1):
+            llm.eval([llm.sample(temp=0.0)])
+        tg_speeds.append((tg - 1) / (time.perf_counter() - start))
+    return {"load_s": load, "pp": statistics.median(pp_speeds), "tg": statistics.median(tg_speeds),
+            "rss_mib": peak_rss_mib()}
+
+
+def run_worker(python: str, engine: str, path: Path, args: argparse.Namespace) -> dict[str, float] | None:
+    command = [python, __file__, "--worker", engine, "--gguf", str(path), "--threads", str(args.threads),
+               "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
+               "--runs", str(args.runs)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{engine} on {path.name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gguf", default=None, help="GGUF file (default: the default model)")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    parser.add_argument("--gguf", help="a GGUF file to measure instead of --models")
+    parser.add_argument("--big", action="store_true", help="add the 8B-shaped Q4_K_M row (writes 4.6 GB)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--formats", default="dense,quantized")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default=tempfile.gettempdir(), help="where the random-weight files are written")
+    parser.add_argument("--llama-python", default=sys.executable, help="interpreter with llama_cpp installed")
+    parser.add_argument("--worker", choices=("rocmforge", "llamacpp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    path = str(resolve_model(args.gguf, default_models_dir()))
 
+    if args.worker:
+        worker = worker_rocmforge if args.worker == "rocmforge" else worker_llamacpp
+        print(json.dumps(worker(args.gguf, args.threads, args.prompt_tokens, args.gen_tokens, args.runs)))
+        return
+
+    names = [args.gguf] if args.gguf else args.models.split(",") + (["8b-q4_k_m"] if args.big else [])
     rows = []
-    for weight_format in args.formats.split(","):
-        pp, tg = bench_rocmforge(path, weight_format, args.prompt_tokens, args.gen_tokens, args.runs)
-        rows.append((f"rocmforge {weight_format}", pp, tg, peak_rss_mib()))
-    reference_ids = prompt_ids(LLM(path, device="cpu", weight_format="dense"), args.prompt_tokens)
-    llama = bench_llamacpp(path, args.threads, args.prompt_tokens, args.gen_tokens, args.runs, reference_ids)
+    for name in names:
+        path = Path(name) if args.gguf else model_file(name, Path(args.out))
+        ours = run_worker(sys.executable, "rocmforge", path, args)
+        theirs = run_worker(args.llama_python, "llamacpp", path, args)
+        rows.append((Path(name).name, path.stat().st_size / 2**20, ours, theirs))
 
-    print(f"model: {path}\nthreads: {args.threads}, prompt {args.prompt_tokens} tokens, decode {args.gen_tokens} tokens, "
-          f"median of {args.runs} runs (peak RSS is cumulative for the process)")
-    header = f"{'engine':<24}{'prompt tok/s':>14}{'decode tok/s':>14}{'peak RSS MiB':>14}"
-    if llama:
-        header += f"{'pp vs llama.cpp':>17}{'tg vs llama.cpp':>17}"
-    print(header)
-    for name, pp, tg, rss in rows:
-        line = f"{name:<24}{pp:>14.1f}{tg:>14.1f}{rss:>14.0f}"
-        if llama:
-            line += f"{pp / llama[0]:>16.2f}x{tg / llama[1]:>16.2f}x"
-        print(line)
-    if llama:
-        print(f"{'llama.cpp':<24}{llama[0]:>14.1f}{llama[1]:>14.1f}")
-    else:
-        print("llama.cpp: not measured (pip install llama-cpp-python to compare in the same run)")
+    print(f"threads: {args.threads}; prompt {args.prompt_tokens} tokens, decode {args.gen_tokens} tokens; "
+          f"median of {args.runs} runs; each engine in its own process")
+    columns = ("model", "file MiB", "engine", "load s", "prompt tok/s", "decode tok/s", "peak RSS MiB")
+    print(f"{columns[0]:<14}{columns[1]:>9}  {columns[2]:<11}{columns[3]:>8}{columns[4]:>14}{columns[5]:>14}"
+          f"{columns[6]:>14}")
+    for name, size, ours, theirs in rows:
+        for engine, result in (("rocmforge", ours), ("llama.cpp", theirs)):
+            if result is None:
+                print(f"{name:<14}{size:>9.0f}  {engine:<11}{'failed':>8}")
+                continue
+            print(f"{name:<14}{size:>9.0f}  {engine:<11}{result['load_s']:>8.2f}{result['pp']:>14.1f}"
+                  f"{result['tg']:>14.1f}{result['rss_mib']:>14.0f}")
+        if ours and theirs:
+            print(f"{name:<14}{'':>9}  {'ratio':<11}{ours['load_s'] / theirs['load_s']:>7.2f}x"
+                  f"{ours['pp'] / theirs['pp']:>13.2f}x{ours['tg'] / theirs['tg']:>13.2f}x"
+                  f"{ours['rss_mib'] / theirs['rss_mib']:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,6 @@ fi
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 python -m pip install -q -e "$target"
+# The native CPU kernels (a C++ extension, cached under ~/.cache/rocmforge/native): built now
+# rather than at the first model load. Without a compiler rocmforge still runs (torch's kernels).
+python -m rocmforge.native || echo "bootstrap: native CPU kernels not built; the CPU will use torch's kernels" >&2

@@ -210,7 +210,8 @@ def test_triton_kernels_that_fail_their_warm_up_give_way_to_torch_kernels(
 
     monkeypatch.setattr(placement_module, "default_backend", lambda device: "triton")
     monkeypatch.setattr(ModelRunner, "warm_up", failing_warm_up)
-    llm = LLM(gguf, device="cpu", dtype="float32")
+    # Dense, as a GPU falls back to: on the CPU, quantized would take the native kernels.
+    llm = LLM(gguf, device="cpu", dtype="float32", weight_format="dense")
     assert warm_ups == ["triton"]  # the Triton placement was tried, once
     runner = llm.engine.runner
     assert runner.model.layers[0].self_attn.backend.name == "torch"

@@ -132,6 +132,45 @@ def memory_usage(device: torch.device) -> MemoryUsage:
     return MemoryUsage("process_rss", _process_rss(), _system_ram())
 
 
+def available_host_memory() -> int | None:
+    """Bytes of RAM the kernel could give this process now (``MemAvailable``: free memory
+    plus reclaimable page cache), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (SMT siblings counted once);
+    the logical count where the topology cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list", encoding="ascii") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Size torch's intra-op pool (the native CPU kernels share it): ``threads``, or the
+    physical cores. Returns the count set."""
+    count = threads or physical_cores()
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
 def format_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_engine import TINY_SPEC, TinyModel
 
-from rocmforge import LLM
+from rocmforge import LLM, native
 from rocmforge.engine.memory import (
     activation_workspace_bytes,
     check_weights_fit,
@@ -121,13 +121,16 @@ def test_placed_weight_bytes_counts_gguf_blocks_for_gpu_quantized_weights(tmp_pa
         elements = sum(t.n_elements for t in gguf.tensors.values())
         dense = placed_weight_bytes(gguf, torch.bfloat16, "dense", torch.device("cuda"))
         quantized = placed_weight_bytes(gguf, torch.bfloat16, "auto", torch.device("cuda"))
-        on_cpu = placed_weight_bytes(gguf, torch.bfloat16, "auto", torch.device("cpu"))
+        on_cpu = placed_weight_bytes(gguf, torch.bfloat16, "dense", torch.device("cpu"))
+        native_cpu = placed_weight_bytes(gguf, torch.bfloat16, "quantized", torch.device("cpu"))
         matrices = [t for t in gguf.tensors.values() if len(t.shape) == 2]
         vectors = [t for t in gguf.tensors.values() if len(t.shape) == 1]
     assert dense == on_cpu == elements * 2
     # Q8_0: 34 bytes per 32 weights for every matrix (the embedding table too); norms at bf16.
     assert quantized == sum(t.nbytes for t in matrices) + sum(t.n_elements for t in vectors) * 2
     assert quantized < dense
+    if native.available():  # the CPU's native kernels read the same blocks
+        assert native_cpu == quantized
 
 
 def test_llm_reports_its_memory_plan(tiny_model: TinyModel) -> None:

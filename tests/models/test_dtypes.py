@@ -1,4 +1,6 @@
-"""bf16 compute and quantized weights on the CPU, end to end, against the fp32 dense path."""
+"""bf16 compute and quantized weights on the CPU (the native kernels, and torch's int4/int8
+kernels that stand in where the native ones cannot be built), end to end, against the fp32
+dense path."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from rocmforge import LLM, SamplingParams
+from rocmforge import LLM, SamplingParams, native
 from rocmforge.quant import int4_cpu
+from rocmforge.quant.gguf_linear import GGUFLinear
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
 
 SPEC = SyntheticSpec(hidden_size=128, intermediate_size=256, num_heads=4, num_kv_heads=2, tie_embeddings=False)
@@ -33,14 +36,28 @@ def _logprobs(llm: LLM, ids: list[int]) -> list[float]:
     return [e.logprob for e in llm.prompt_logprobs(ids, top_k=0)]
 
 
+@pytest.fixture
+def without_native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine without a compiler: the native kernels are unavailable."""
+    monkeypatch.setattr(native, "ops", lambda: None)
+
+
 @pytest.mark.parametrize(
-    "options",
-    [{"dtype": "bfloat16"}]
-    + ([{"weight_format": "quantized"}] if int4_cpu.available() else []),
-    ids=lambda o: "-".join(f"{v}" for v in o.values()),
+    ("options", "native_kernels"),
+    [({"dtype": "bfloat16", "weight_format": "dense"}, True), ({"weight_format": "auto"}, True),
+     ({"weight_format": "quantized"}, False)],
+    ids=["bf16-dense", "auto-native", "quantized-torch"],
 )
-def test_fast_paths_track_the_fp32_reference(q4_model: Path, options: dict) -> None:
-    reference = LLM(q4_model, device="cpu", dtype="float32")
+def test_fast_paths_track_the_fp32_reference(
+    q4_model: Path, options: dict, native_kernels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = LLM(q4_model, device="cpu", dtype="float32", weight_format="dense")
+    if native_kernels and native.ops() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    if not native_kernels:
+        if not int4_cpu.available():
+            pytest.skip("torch build lacks CPU int4 kernels")
+        monkeypatch.setattr(native, "ops", lambda: None)
     fast = LLM(q4_model, device="cpu", **options)
     ids = list(range(3, 3 + 48))
     ref, got = _logprobs(reference, ids), _logprobs(fast, ids)
@@ -51,7 +68,32 @@ def test_fast_paths_track_the_fp32_reference(q4_model: Path, options: dict) -> N
     assert len(out.token_ids) == 8
 
 
-def test_quantized_layers_are_used(q4_model: Path) -> None:
+def test_the_default_cpu_path_computes_on_the_file_blocks(q4_model: Path) -> None:
+    if native.ops() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    model = LLM(q4_model, device="cpu").engine.runner.model
+    layer = model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, GGUFLinear) and layer.self_attn.qkv_proj.kernels == "native"
+    assert "Q4_0[128]|Q4_1[64]|Q4_0[64]" in repr(layer.self_attn.qkv_proj)  # q | k | v parts, as stored
+    assert isinstance(model.lm_head, GGUFLinear)
+    # No copy: the blocks the matmul reads lie in the mapping of the file itself.
+    assert _mapped_file(layer.mlp.down_proj.get_buffer("weight_0").data_ptr()) == str(q4_model)
+    assert _mapped_file(model.lm_head.get_buffer("weight_0").data_ptr()) == str(q4_model)
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (/proc/self/maps), None if anonymous."""
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5].strip() if len(fields) > 5 and fields[5].strip() else None
+    return None
+
+
+@pytest.mark.usefixtures("without_native")
+def test_without_native_kernels_quantized_uses_torchs(q4_model: Path) -> None:
     if not int4_cpu.available():
         pytest.skip("torch build lacks CPU int4 kernels")
     model = LLM(q4_model, device="cpu", weight_format="quantized").engine.runner.model

@@ -45,8 +45,8 @@ class AttentionBackend(Protocol):
 
 
 def get_backend(name: str = "torch") -> AttentionBackend:
-    """``"torch"`` (the reference, any device) or ``"triton"`` (the paged kernels; imports
-    Triton, so only on request)."""
+    """``"torch"`` (the reference, any device), ``"triton"`` (the paged kernels; imports
+    Triton, so only on request) or ``"native"`` (the CPU's C++ decode attention)."""
     if name == "torch":
         from rocmforge.attention.torch_ref import TorchPagedAttention
 
@@ -55,4 +55,8 @@ def get_backend(name: str = "torch") -> AttentionBackend:
         from rocmforge.attention.triton_paged import TritonPagedAttention
 
         return TritonPagedAttention()
-    raise ValueError(f"unknown attention backend {name!r} (have: torch, triton)")
+    if name == "native":
+        from rocmforge.attention.native_cpu import NativeCPUAttention
+
+        return NativeCPUAttention()
+    raise ValueError(f"unknown attention backend {name!r} (have: torch, triton, native)")

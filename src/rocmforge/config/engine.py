@@ -54,8 +54,9 @@ class LoadConfig:
     dtype: str = "auto"
     """Compute dtype: auto (fp32 on the CPU, bf16 on a GPU) | float32 | bfloat16 | float16."""
     weight_format: WeightFormat = "auto"
-    """auto (quantized on a GPU, dense on the CPU) | dense (every weight dequantized to the compute
-    dtype) | quantized (GPU: GGUF blocks read by Triton kernels; CPU: int4/int8)."""
+    """auto (quantized, or dense on a CPU without the native kernels) | dense (every weight dequantized to the compute
+    dtype) | quantized (the GGUF blocks as stored, read by Triton kernels on a GPU and native C++
+    kernels on the CPU)."""
 
     RULES: ClassVar[dict[str, Rule]] = {
         "tokenizer": optional(path), "dtype": _dtype_name, "weight_format": choice(*WEIGHT_FORMATS),
@@ -77,10 +78,12 @@ class DeviceConfig:
     """Share of the GPU's memory the engine plans with (weights, KV cache and workspace)."""
     cuda_graphs: bool = True
     """Replay decode steps from CUDA graphs on a GPU (off: every kernel launches eagerly)."""
+    threads: int | None = None
+    """CPU threads for the model's kernels (default: the physical cores this process may use)."""
 
     RULES: ClassVar[dict[str, Rule]] = {
         "device": non_empty_string, "gpu_index": integer(0), "gpu_memory_utilization": number(0.0, 1.0, low_open=True),
-        "cuda_graphs": boolean,
+        "cuda_graphs": boolean, "threads": optional(integer(1)),
     }
 
     def __post_init__(self) -> None:

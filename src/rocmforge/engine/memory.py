@@ -155,6 +155,20 @@ def plan_gpu_kv_cache(
     )
 
 
+def check_host_memory(*, weight_bytes: int, kv_bytes: int, workspace_bytes: int, available_bytes: int | None) -> None:
+    """Before loading on the CPU: raise if weights, KV cache and workspace together exceed
+    the RAM available now, instead of being killed by the kernel's OOM killer halfway."""
+    needed = weight_bytes + kv_bytes + workspace_bytes
+    if available_bytes is not None and needed > available_bytes:
+        raise DeviceOutOfMemoryError(
+            f"the model does not fit in RAM: it needs about {format_bytes(needed)} (weights "
+            f"{format_bytes(weight_bytes)}, KV cache {format_bytes(kv_bytes)}, activation workspace "
+            f"{format_bytes(workspace_bytes)}), {format_bytes(available_bytes)} is available. Use a smaller "
+            "quantization, weight_format=quantized, a smaller kv_cache_memory or max_num_batched_tokens.",
+            needed_bytes=needed, device="cpu",
+        )
+
+
 def plan_cpu_kv_cache(
     *,
     kv_cache_memory: int,

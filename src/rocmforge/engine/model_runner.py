@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import mmap
 import re
 from collections.abc import Iterator
 
@@ -89,10 +91,8 @@ class ModelRunner:
         shape = (num_blocks + 1, block_size, config.num_kv_heads, config.head_dim)
         # Zero-filled: masked-out cache entries still enter the attention matmul (weight 0),
         # so they must be finite.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=kv_dtype, device=device), torch.zeros(shape, dtype=kv_dtype, device=device))
-            for _ in range(config.num_layers)
-        ]
+        self.kv_caches = [(_zeros(shape, kv_dtype, device), _zeros(shape, kv_dtype, device))
+                          for _ in range(config.num_layers)]
         model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
@@ -346,3 +346,13 @@ def _query_ends(scheduled: list[ScheduledRequest]) -> list[int]:
         total += item.num_tokens
         ends.append(total)
     return ends
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV tensor. On the CPU an anonymous mapping: the kernel hands out zero
+    pages, and a page becomes resident only when a token's K/V is first written to it, so
+    an idle pool costs no RAM (``torch.zeros`` would touch every page up front)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)[:nbytes].view(dtype).view(shape)

@@ -33,13 +33,22 @@ from dataclasses import dataclass
 
 import torch
 
+from rocmforge import native
 from rocmforge.attention import default_backend, get_backend
 from rocmforge.config import EngineConfig
-from rocmforge.device import device_error, free_memory, resolve_device, resolve_dtype
+from rocmforge.device import (
+    available_host_memory,
+    device_error,
+    free_memory,
+    resolve_device,
+    resolve_dtype,
+    set_cpu_threads,
+)
 from rocmforge.engine.memory import (
     MIN_CONTEXT_TOKENS,
     MemoryPlan,
     activation_workspace_bytes,
+    check_host_memory,
     check_weights_fit,
     measured_workspace_bytes,
     module_bytes,
@@ -58,6 +67,7 @@ from rocmforge.models.loader import (
     placed_weight_bytes,
     resolve_weight_format,
 )
+from rocmforge.models.validate import checked_config
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +153,21 @@ def _place(
     if device.type == "cuda":
         free, total = free_memory(device)
         check_weights_fit(placed_weight_bytes(gguf, dtype, weight_format, device), free, total, str(device))
+    else:
+        threads = set_cpu_threads(config.device.threads)
+        logger.info("CPU threads: %d", threads)
+        check_host_memory(
+            weight_bytes=placed_weight_bytes(gguf, dtype, weight_format, device),
+            kv_bytes=config.cache.kv_cache_memory or DEFAULT_CPU_KV_BYTES,
+            workspace_bytes=_cpu_workspace(checked_config(gguf), dtype, config),
+            available_bytes=available_host_memory(),
+        )
+    # The CPU's quantized path runs the native fused ops and decode attention as well.
+    native_cpu = (device.type == "cpu" and dtype == torch.float32 and native.available()
+                  and resolve_weight_format(weight_format, device) == "quantized")
     loaded = load_model(
-        gguf, device=device, dtype=dtype, attention=get_backend("triton" if triton else "torch"),
-        weight_format=weight_format, fused_kernels=triton, progress=progress,
+        gguf, device=device, dtype=dtype, attention=get_backend("triton" if triton else "native" if native_cpu else "torch"),
+        weight_format=weight_format, fused_kernels=triton or native_cpu, progress=progress,
     )
     model_config = loaded.config
     context = min(config.scheduler.max_model_len or model_config.max_context, model_config.max_context)
@@ -260,11 +282,15 @@ def _plan_cpu(loaded: LoadedModel, dtype: torch.dtype, context: int, config: Eng
     cache, scheduler = config.cache, config.scheduler
     return plan_cpu_kv_cache(
         kv_cache_memory=cache.kv_cache_memory or DEFAULT_CPU_KV_BYTES, weight_bytes=module_bytes(loaded.model),
-        workspace_bytes=activation_workspace_bytes(loaded.config, scheduler.max_num_batched_tokens,
-                                                   scheduler.max_num_seqs, dtype),
+        workspace_bytes=_cpu_workspace(loaded.config, dtype, config),
         block_bytes=kv_block_bytes(loaded.config, cache.block_size, dtype),
         max_useful_blocks=scheduler.max_num_seqs * -(-context // cache.block_size),
     )
+
+
+def _cpu_workspace(model_config: ModelConfig, dtype: torch.dtype, config: EngineConfig) -> int:
+    scheduler = config.scheduler
+    return activation_workspace_bytes(model_config, scheduler.max_num_batched_tokens, scheduler.max_num_seqs, dtype)
 
 
 def _fall_back(

@@ -2,7 +2,7 @@
 
 In:  a path to a GGUF v2/v3 little-endian file.
 Out: a :class:`GGUFFile` holding the metadata (parsed eagerly into Python values), one
-     :class:`TensorInfo` per tensor, and the open read-only mmap; ``tensor_data`` hands
+     :class:`TensorInfo` per tensor, and the open copy-on-write mmap; ``tensor_data`` hands
      out zero-copy ``uint8`` views into it for the dequant / weight-mapping stage.
 Ownership: the ``GGUFFile`` owns the mmap; ``close()`` releases it (views already handed
      out keep the mapping alive until they are dropped).
@@ -102,7 +102,7 @@ class TensorInfo:
 
 
 class GGUFFile:
-    """A parsed GGUF file over an open read-only mmap.
+    """A parsed GGUF file over an open copy-on-write mmap.
 
     Built by :func:`read_gguf` from already-validated parts; usable as a context manager.
     """
@@ -128,14 +128,20 @@ class GGUFFile:
         self.tensors = tensors
         self._mapping: mmap.mmap | None = mapping
 
-    def tensor_data(self, name: str) -> np.ndarray:
-        """The raw bytes of tensor ``name``: a 1-D read-only ``uint8`` view into the mmap."""
+    def tensor_data(self, name: str, *, writable: bool = False) -> np.ndarray:
+        """The raw bytes of tensor ``name``: a 1-D ``uint8`` view into the mmap, no copy.
+
+        Read-only by default. ``writable=True`` returns a view flagged writable, for consumers
+        that insist (``torch.from_numpy``): the file is mapped copy-on-write, so a write would
+        change only this process's copy of the page, never the file."""
         info = self.tensors.get(name)
         if info is None:
             raise GGUFError(f"{self.path}: no tensor named {name!r}", param=name)
         if self._mapping is None:
             raise GGUFError(f"{self.path}: file is closed")
-        return np.frombuffer(self._mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        view = np.frombuffer(self._mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        view.flags.writeable = writable
+        return view
 
     def close(self) -> None:
         """Release the mmap. Views from ``tensor_data`` stay valid and keep it alive."""
@@ -178,7 +184,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         with open(path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise GGUFFormatError("file is empty", field="magic", offset=0, path=str(path))
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            # Copy-on-write: the tensors stay page-cache pages of the file (shared, evictable)
+            # and a stray write could only ever touch a private copy.
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     except OSError as exc:
         raise GGUFError(f"cannot open GGUF file {path}: {exc.strerror or exc}") from exc
     start = time.perf_counter()

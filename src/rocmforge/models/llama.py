@@ -159,11 +159,13 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rotation, metadata)
         return self.norm(x, residual)[0]
 
-    def use_fused_kernels(self) -> None:
-        """Run RMSNorm + residual add, RoPE + KV write and SiLU-and-mul as the fused Triton
-        kernels of :mod:`rocmforge.kernels.fused` (a GPU, or tests under Triton's
-        interpreter). The attention backend must provide ``attend``."""
-        from rocmforge.kernels import fused
+    def use_fused_kernels(self, fused: ModuleType | None = None) -> None:
+        """Run RMSNorm + residual add, RoPE + KV write and SiLU-and-mul as fused kernels:
+        ``fused`` is :mod:`rocmforge.kernels.fused` (Triton: a GPU, or tests under Triton's
+        interpreter; the default) or :mod:`rocmforge.native.fused` (the CPU). The attention
+        backend must provide ``attend``."""
+        if fused is None:
+            from rocmforge.kernels import fused
 
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):

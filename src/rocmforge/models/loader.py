@@ -3,7 +3,9 @@
 In: an open :class:`~rocmforge.gguf.GGUFFile`, the device, the compute dtype and the weight
 format. Out: the model with every parameter filled (Q/K rows in interleaved-RoPE order,
 Q/K/V and gate/up fused) — dequantized, or as quantized layers where the format and device
-allow (GGUF blocks on a GPU, int4/int8 on the CPU) — plus its config.
+allow — plus its config. On the CPU with the native kernels the quantized matrices are views
+into the mapped file, not copies: the weights cost the file's pages, shared with the page
+cache (only Q/K rows that must be re-ordered, and types without kernels, are copied).
 
 Which GGUF tensor feeds which parameter is a data table (gguf-py's names), not code:
 ``PARAMS``, ``LAYER_PARAMS``, ``LAYER_LINEARS``, ``OUTPUT`` and ``ROPE_FREQS``, defined beside
@@ -21,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from gguf import GGMLQuantizationType
 
+from rocmforge import native
 from rocmforge.attention import AttentionBackend
 from rocmforge.errors import ModelLoadError
 from rocmforge.gguf import GGUFFile, TensorInfo
@@ -49,18 +53,20 @@ ProgressCallback = Callable[[int, int], None]
 
 WeightFormat = str
 """``dense``: dequantize every weight to the compute dtype (exact; the reference path).
-``quantized``: keep the weights quantized where the device has kernels for it — on a GPU the
-GGUF blocks themselves, read by Triton matmul kernels (:mod:`rocmforge.quant.gguf_linear`:
-the same values as ``dense``, a quarter to a half of the bytes); on the CPU 4-bit weights
-repacked for torch's int4 kernel and the rest re-quantized to int8 per row
-(:mod:`rocmforge.quant.int4_cpu`: faster, slightly less accurate).
-``auto``: ``quantized`` on a GPU, ``dense`` on the CPU."""
+``quantized``: keep the weights quantized where the device has kernels for it: the GGUF
+blocks themselves (:mod:`rocmforge.quant.gguf_linear`), read by Triton matmul kernels on a
+GPU and by the native C++ kernels on the CPU (:mod:`rocmforge.native`: 8-bit activations,
+integer dot products, as llama.cpp computes). Without the native kernels (no compiler) the
+CPU falls back to torch's int4/int8 weight-only kernels (:mod:`rocmforge.quant.int4_cpu`:
+4-bit weights repacked, the rest re-quantized to int8 per row; less accurate).
+``auto``: ``quantized`` on a GPU and on a CPU with the native kernels, else ``dense``."""
 WEIGHT_FORMATS = ("auto", "dense", "quantized")
 
 QuantKernels = str
-"""Which quantized linear layers ``quantized`` builds: ``auto`` (GGUF-block Triton kernels
-on a GPU, int4/int8 torch kernels on the CPU), ``triton`` or ``cpu``. Only tests choose:
-``triton`` on the CPU runs the GPU kernels under Triton's interpreter."""
+"""Which quantized linear layers ``quantized`` builds: ``auto`` (Triton on a GPU, native on
+the CPU, torch's int4/int8 where the native kernels are missing), ``triton``, ``native`` or
+``torch``. Only tests choose: ``triton`` on the CPU runs the GPU kernels under Triton's
+interpreter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +87,9 @@ def load_model(
     fused_kernels: bool | None = None,
     progress: ProgressCallback | None = None,
 ) -> LoadedModel:
-    """``fused_kernels``: run the fused Triton small ops (:meth:`LlamaForCausalLM.use_fused_kernels`);
-    None: on a GPU with Triton. The attention backend must then provide ``attend``."""
+    """``fused_kernels``: run the fused small ops (:meth:`LlamaForCausalLM.use_fused_kernels`):
+    the native ones on the CPU with native kernels, else Triton's; None: on a GPU with Triton.
+    The attention backend must then provide ``attend``."""
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weight_format!r} (have: {', '.join(WEIGHT_FORMATS)})")
     # Every count and shape the metadata claims, checked against the tensor index before
@@ -96,7 +103,7 @@ def load_model(
     tied = OUTPUT not in gguf.tensors
 
     params = dict(PARAMS)
-    embedding = loader.gguf_embedding(config.hidden_size, dtype) if kernels == "triton" else None
+    embedding = loader.gguf_embedding(kernels, config.hidden_size, dtype) if kernels in _BLOCK_KERNELS else None
     if embedding is not None:
         model.embed_tokens = embedding
         del params["embed_tokens.weight"]
@@ -129,8 +136,10 @@ def load_model(
         _report(progress, done, total)
     if tied:
         if embedding is not None:  # the head reads the embedding's blocks: one copy on the device
-            model.lm_head = GGUFLinear([(embedding.blocks, embedding.ggml_type)], in_features=embedding.dim)
-        elif kernels == "cpu":
+            model.lm_head = GGUFLinear(
+                [(embedding.blocks, embedding.ggml_type)], in_features=embedding.dim, kernels=embedding.kernels
+            )
+        elif kernels == "torch":
             model.lm_head = int4_cpu.Int8Linear(model.embed_tokens.get_parameter("weight"))
         else:
             model.lm_head.weight = model.embed_tokens.weight
@@ -140,41 +149,61 @@ def load_model(
         logger.warning("ignoring %d tensors the model does not use: %s", len(unused), ", ".join(unused[:8]))
     model.rotary.to(device)
     if fused_kernels if fused_kernels is not None else device.type == "cuda" and kernels_usable(device):
-        model.use_fused_kernels()
+        if device.type == "cpu" and kernels == "native":
+            from rocmforge.native import fused
+
+            model.use_fused_kernels(fused)
+        else:
+            model.use_fused_kernels()
     return LoadedModel(model=model.eval(), config=config, tied_embeddings=tied)
 
 
+_BLOCK_KERNELS = ("triton", "native")
+"""The kernel sets that read GGUF blocks as stored (:class:`GGUFLinear`, :class:`GGUFEmbedding`)."""
+
+
 def resolve_weight_format(weight_format: WeightFormat, device: torch.device) -> str:
-    """``auto`` -> ``quantized`` on a GPU, ``dense`` on the CPU; others as they are."""
+    """``auto`` -> ``quantized`` on a GPU and on a CPU with the native kernels, else
+    ``dense``; others as they are."""
     if weight_format == "auto":
-        return "quantized" if device.type == "cuda" else "dense"
+        return "quantized" if device.type == "cuda" or native.available() else "dense"
     return weight_format
 
 
 def _quant_kernels(weight_format: WeightFormat, quant_kernels: QuantKernels, device: torch.device) -> str | None:
-    """The quantized linear layers to build (``triton`` / ``cpu``), or None for dense."""
+    """The quantized linear layers to build (``triton`` / ``native`` / ``torch``), or None
+    for dense."""
     if resolve_weight_format(weight_format, device) != "quantized":
         return None
     if quant_kernels == "auto":
-        quant_kernels = "triton" if device.type == "cuda" else "cpu"
+        quant_kernels = "triton" if device.type == "cuda" else "native" if native.available() else "torch"
     if quant_kernels == "triton" and kernels_usable(device):
         return "triton"
-    if quant_kernels == "cpu" and device.type == "cpu" and int4_cpu.available():
-        return "cpu"
+    if quant_kernels == "native" and device.type == "cpu" and native.available():
+        return "native"
+    if quant_kernels == "torch" and device.type == "cpu" and int4_cpu.available():
+        return "torch"
     logger.warning("no %s quantized kernels usable on %s: dequantizing the weights", quant_kernels, device)
     return None
 
 
 def placed_weight_bytes(gguf: GGUFFile, dtype: torch.dtype, weight_format: WeightFormat, device: torch.device) -> int:
-    """Bytes the weights will take on ``device`` (checked against free memory before
-    loading): GGUF block bytes for matrices the GPU kernels read quantized (the embedding
-    table too), ``dtype`` elements for everything else."""
+    """Bytes the weights will take (checked against free memory before loading): GGUF block
+    bytes for matrices the kernels read as stored (the embedding table too), bf16 for the
+    native kernels' other matrices, ``dtype`` elements for everything else."""
     element = torch.empty((), dtype=dtype).element_size()
-    quantized = resolve_weight_format(weight_format, device) == "quantized" and device.type == "cuda"
+    kernels = None
+    if resolve_weight_format(weight_format, device) == "quantized":
+        kernels = "triton" if device.type == "cuda" else "native" if native.available() else None
     total = 0
     for info in gguf.tensors.values():
-        keep = quantized and len(info.shape) == 2 and GGUFLinear.supports(info.ggml_type, info.shape[1])
-        total += info.nbytes if keep else info.n_elements * element
+        matrix = len(info.shape) == 2
+        if kernels and matrix and GGUFLinear.supports(info.ggml_type, info.shape[1], kernels):
+            total += info.nbytes
+        elif kernels == "native" and matrix:
+            total += info.n_elements * 2
+        else:
+            total += info.n_elements * element
     return total
 
 
@@ -196,6 +225,7 @@ class _TensorLoader:
         self.config = config
         self.device = device
         self.consumed: set[str] = set()
+        self.dequantized_types: set[GGMLQuantizationType] = set()
 
     def dense(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         info, raw = self._raw(name)
@@ -209,15 +239,46 @@ class _TensorLoader:
         float or unsupported type on the GPU)."""
         if kernels == "triton":
             return self._gguf_linear(weights, bias, shape)
+        if kernels == "native":
+            return self._native_linear(weights, bias, shape)
         return self._cpu_linear(weights, bias, shape)
 
-    def gguf_embedding(self, dim: int, dtype: torch.dtype) -> GGUFEmbedding | None:
-        """``token_embd`` kept in GGUF blocks, or None for a type the kernels do not decode."""
+    def gguf_embedding(self, kernels: str, dim: int, dtype: torch.dtype) -> GGUFEmbedding | None:
+        """``token_embd`` kept in GGUF blocks, or None for a type the kernels do not decode
+        (the native kernels take such a table as bf16 instead)."""
         info = self._info("token_embd.weight")
-        if len(info.shape) != 2 or info.shape[1] != dim or not GGUFLinear.supports(info.ggml_type, dim):
+        if len(info.shape) != 2 or info.shape[1] != dim:
+            return None
+        if kernels == "native":
+            rows, ggml_type = self._native_part("token_embd.weight")
+            return GGUFEmbedding(rows, ggml_type, dim, dtype, kernels="native")
+        if not GGUFLinear.supports(info.ggml_type, dim):
             return None
         _, raw = self._raw("token_embd.weight")
         return GGUFEmbedding(raw.view(info.shape[0], -1), info.ggml_type, dim, dtype)
+
+    def _native_linear(
+        self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
+    ) -> torch.nn.Module:
+        parts = [self._native_part(name) for name in weights]
+        layer = GGUFLinear(parts, in_features=self._info(weights[0]).shape[1], bias=bias, kernels="native")
+        _check_shape(torch.Size((layer.out_features, layer.in_features)), shape, weights, self.gguf)
+        return layer
+
+    def _native_part(self, name: str) -> tuple[torch.Tensor, GGMLQuantizationType]:
+        """One weight for the native kernels: its blocks as a view into the mapped file (a
+        copy only where Q/K rows are re-ordered), or for a type they do not compute on, the
+        matrix dequantized once to bf16."""
+        info = self._info(name)
+        if len(info.shape) == 2 and GGUFLinear.supports(info.ggml_type, info.shape[1], "native"):
+            _, raw = self._raw(name, mapped=True)
+            return self._to_interleaved(name, raw.view(info.shape[0], -1)), info.ggml_type
+        if info.ggml_type not in self.dequantized_types:
+            self.dequantized_types.add(info.ggml_type)
+            logger.info("no native CPU kernel for %s tensors (%s...): dequantizing them to bf16",
+                        info.ggml_type.name, name)
+        dense = self.dense(name, torch.bfloat16)
+        return dense.view(torch.uint8).reshape(dense.shape[0], -1), GGMLQuantizationType.BF16
 
     def _gguf_linear(
         self, weights: tuple[str, ...], bias: torch.Tensor | None, shape: tuple[int, int]
@@ -257,9 +318,13 @@ class _TensorLoader:
             raise ModelLoadError(f"{self.gguf.path}: required tensor {name!r} is missing")
         return info
 
-    def _raw(self, name: str) -> tuple[TensorInfo, torch.Tensor]:
+    def _raw(self, name: str, *, mapped: bool = False) -> tuple[TensorInfo, torch.Tensor]:
+        """The tensor's bytes on the device: copied out of the file, or with ``mapped`` (CPU
+        only) a zero-copy view of the mapping (copy-on-write: nothing can write the file)."""
         info = self._info(name)
         self.consumed.add(name)
+        if mapped and self.device.type == "cpu":
+            return info, torch.from_numpy(self.gguf.tensor_data(name, writable=True))
         return info, torch.from_numpy(self.gguf.tensor_data(name).copy()).to(self.device)
 
     def _to_interleaved(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from rocmforge.synthetic.spec import (
     TensorTypeChooser,
     all_f32,
     llama3_rope_factors,
+    tensor_names,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "llama3_rope_factors",
     "q4_k_m_types",
     "random_hf_weights",
+    "tensor_names",
     "write_gguf",
     "write_random_gguf",
 ]

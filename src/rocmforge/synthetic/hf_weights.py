@@ -20,10 +20,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, quants
 from rocmforge.synthetic.spec import (
     SyntheticSpec,
     TensorTypeChooser,
-    _tensor_names,
     _write_metadata,
     all_f32,
     llama3_rope_factors,
+    tensor_names,
 )
 
 # Byte offsets of the fp16 super-block scale fields of the K-quants (ggml-common.h).
@@ -85,7 +85,7 @@ def write_gguf(
     _write_metadata(writer, spec)
     held: dict[str, np.ndarray] = {}
     permute = spec.arch in ("llama", "mistral")
-    for hf_name, gguf_name in _tensor_names(spec):
+    for hf_name, gguf_name in tensor_names(spec):
         weight = hf_weights[hf_name]
         heads = {"attn_q.weight": spec.num_heads, "attn_k.weight": spec.num_kv_heads}.get(gguf_name.split(".", 2)[-1])
         stored = _permute(weight, heads) if permute and heads else weight

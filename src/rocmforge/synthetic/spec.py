@@ -188,7 +188,8 @@ def _vocabulary(vocab_size: int) -> tuple[list[str], list[str]]:
     return tokens[:vocab_size], merges
 
 
-def _tensor_names(spec: SyntheticSpec) -> list[tuple[str, str]]:
+def tensor_names(spec: SyntheticSpec) -> list[tuple[str, str]]:
+    """Every tensor of ``spec`` as ``(HF name, GGUF name)`` pairs, in file order."""
     names = [("model.embed_tokens.weight", "token_embd.weight")]
     per_layer = [
         ("input_layernorm.weight", "attn_norm.weight"),
@@ -232,5 +233,5 @@ def _tensor_shapes(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...]]]:
         "attn_k.bias": (kv,),
         "attn_v.bias": (kv,),
     }
-    names = [name for _, name in _tensor_names(spec)]
+    names = [name for _, name in tensor_names(spec)]
     return [(name, shapes[name.split(".", 2)[2] if name.startswith("blk.") else name]) for name in names]
