@@ -11,6 +11,7 @@ matmul each (``qkv_proj``, ``gate_up_proj``), as the weight loader lays them out
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -108,6 +109,14 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+LayerKernel = Callable[
+    [DecoderLayer, torch.Tensor, "torch.Tensor | None", tuple[torch.Tensor, torch.Tensor], AttentionMetadata],
+    "tuple[torch.Tensor, torch.Tensor] | None",
+]
+"""``(layer, x, residual, rotation, metadata) -> (delta, residual)``, or None to let the
+layer's modules run the step."""
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(
         self,
@@ -131,6 +140,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # Tied embeddings: the loader points lm_head.weight at the embedding matrix.
         self.lm_head: nn.Module = Linear(config.hidden_size, config.vocab_size)
+        self.layer_kernel: LayerKernel | None = None
+        """A whole layer in one call where it can run the step (``decoder_layer`` of the
+        fused-kernel module, :mod:`rocmforge.native.fused`); it returns None otherwise."""
 
     def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Attach the runner's per-layer (K, V) cache tensors to the attention layers."""
@@ -156,20 +168,23 @@ class LlamaForCausalLM(nn.Module):
         rotation = self.rotary(positions)
         residual = None  # the first layer starts the residual stream (block_count >= 1)
         for layer in self.decoder_layers:
-            x, residual = layer(x, residual, rotation, metadata)
+            fused = self.layer_kernel(layer, x, residual, rotation, metadata) if self.layer_kernel else None
+            x, residual = fused if fused is not None else layer(x, residual, rotation, metadata)
         return self.norm(x, residual)[0]
 
     def use_fused_kernels(self, fused: ModuleType | None = None) -> None:
         """Run RMSNorm + residual add, RoPE + KV write and SiLU-and-mul as fused kernels:
         ``fused`` is :mod:`rocmforge.kernels.fused` (Triton: a GPU, or tests under Triton's
         interpreter; the default) or :mod:`rocmforge.native.fused` (the CPU). The attention
-        backend must provide ``attend``."""
+        backend must provide ``attend``. A module with a ``decoder_layer`` function (the
+        native one) also runs each layer of a decode step as one call."""
         if fused is None:
             from rocmforge.kernels import fused
 
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.kernels = fused
+        self.layer_kernel = getattr(fused, "decoder_layer", None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states ``[N, hidden]`` to fp32 logits ``[N, vocab]``."""

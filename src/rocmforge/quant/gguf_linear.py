@@ -204,13 +204,17 @@ class GGUFLinear(nn.Module):
             out += self.bias.to(out.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def native_operands(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The weight parts and their ggml types, as the native ``matmul`` takes them."""
+        return [getattr(self, s.name) for s in self._segments], list(self._types)
+
     def _forward_native(self, x: torch.Tensor, dense_min_rows: int) -> torch.Tensor:
         ops = native.ops()
         if ops is None:
             raise RuntimeError(f"native CPU kernels unavailable: {native.unavailable_reason()}")
         rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
-        weights = [getattr(self, s.name) for s in self._segments]
+        weights, _ = self.native_operands()
         if rows.shape[0] >= dense_min_rows:
             tile_rows = max(1, NATIVE_TILE_BYTES // (4 * self.in_features))
             ops.matmul_dequant(rows, weights, self._types, out, tile_rows)

@@ -17,12 +17,29 @@
 #include <tuple>
 #include <vector>
 
+#include "ops.h"
+
 namespace rocmforge {
 namespace {
 
 void check_f32(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, " must be a CPU float32 tensor");
 }
+
+// Eight independent partial sums: the compiler turns them into vector FMAs (a single
+// running sum is a serial chain it may not reorder).
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) partial[j] += a[i + j] * b[i + j];
+  }
+  float sum = ((partial[0] + partial[4]) + (partial[1] + partial[5])) + ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                                 const at::Tensor& weight, double eps) {
@@ -174,9 +191,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         const float* key = kp + (slot * kv_heads + kvh) * dim;
         for (int64_t g = 0; g < group; ++g) {
           const float* query = qp + (b * heads + kvh * group + g) * dim;
-          float dot = 0.0f;
-          for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
-          scores[g * len + p] = dot * fscale;
+          scores[g * len + p] = dot_f32(query, key, dim) * fscale;
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -204,7 +219,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-}  // namespace
 }  // namespace rocmforge
 
 TORCH_LIBRARY_FRAGMENT(rocmforge_cpu, m) {

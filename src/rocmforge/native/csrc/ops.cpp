@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ops.h"
 
 namespace rocmforge {
 namespace {
@@ -116,6 +117,8 @@ Parts check_parts(const KernelTable& table, const std::vector<at::Tensor>& weigh
   return parts;
 }
 
+}  // namespace
+
 void matmul(const at::Tensor& x, const std::vector<at::Tensor>& weights, const std::vector<int64_t>& types,
             at::Tensor& out, int64_t isa) {
   check_rows(x, "x");
@@ -147,6 +150,8 @@ void matmul(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
     }
   });
 }
+
+namespace {
 
 void dequantize_into(const TypeKernels& kernels, const uint8_t* w, int64_t w_bytes, int64_t rows, int64_t k,
                      float* out) {
