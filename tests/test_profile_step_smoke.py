@@ -27,15 +27,22 @@ def test_profile_of_decode_steps(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    # The CPU's matmul: the native kernels' operator where they build, else torch's.
+    assert "batch 3, context 20" in out and "Self CPU" in out, out
+
+    def calls(op: str) -> int:
+        found = re.search(rf"{re.escape(op)}\s.*?(\d+)\s*$", out, re.MULTILINE)
+        assert found is not None, f"{op} not in\n{out}"
+        return int(found.group(1))
+
+    # Each profiled step (and no more steps than asked for) ran every layer and the head once:
+    # with the native kernels a decode step's layer is one decoder_layer call and the head one
+    # matmul; on torch's kernels, 2 layers x 4 linears + the head = 9 matmuls per step.
     from rocmforge import native
 
-    matmul = "rocmforge_cpu::matmul" if native.available() else "aten::mm"
-    assert "batch 3, context 20" in out and "Self CPU" in out and matmul in out, out
-    # The model's matmuls ran once per layer and projection in each profiled step (and no more
-    # steps than asked for were profiled): 2 layers x 4 linears + the head = 9 per step.
-    calls = re.search(rf"{re.escape(matmul)}\s.*?(\d+)\s*$", out, re.MULTILINE)
-    assert calls is not None and int(calls.group(1)) == 4 * 9, out
+    if native.available():
+        assert calls("rocmforge_cpu::decoder_layer") == 4 * 2 and calls("rocmforge_cpu::matmul") == 4 * 1, out
+    else:
+        assert calls("aten::mm") == 4 * 9, out
     step = re.search(r"4 decode steps: ([0-9.]+) ms/step, ([0-9.]+) output tok/s", out)
     assert step is not None and float(step.group(1)) > 0 and float(step.group(2)) > 0, out
     assert (tmp_path / "trace.json").stat().st_size > 0

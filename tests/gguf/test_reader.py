@@ -179,6 +179,34 @@ def test_views_outlive_close_and_closed_file_refuses(tmp_path: Path) -> None:
         read_gguf(tmp_path / "m.gguf").tensor_data("nope")
 
 
+@pytest.mark.parametrize("chunk", [1 << 24, 7])  # one read per tensor; many, on threads
+def test_read_tensor_into_copies_the_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    from rocmforge.gguf import reader
+
+    monkeypatch.setattr(reader, "READ_CHUNK", chunk)
+    arrays = write_with_gguf_writer(tmp_path / "m.gguf")
+    with read_gguf(tmp_path / "m.gguf") as f:
+        for name, array in arrays.items():
+            out = np.full(f.tensors[name].nbytes, 0xAB, dtype=np.uint8)
+            f.read_tensor_into(name, out)
+            assert out.tobytes() == array.tobytes()
+        with pytest.raises(ValueError, match="96 bytes"):
+            f.read_tensor_into("f32", np.empty(95, dtype=np.uint8))
+        with pytest.raises(GGUFError, match="no tensor named"):
+            f.read_tensor_into("nope", np.empty(1, dtype=np.uint8))
+    with pytest.raises(GGUFError, match="closed"):
+        f.read_tensor_into("f32", np.empty(96, dtype=np.uint8))
+
+
+def test_read_tensor_into_a_file_truncated_while_open(tmp_path: Path) -> None:
+    write_with_gguf_writer(tmp_path / "m.gguf")
+    with read_gguf(tmp_path / "m.gguf") as f:
+        info = f.tensors["q8"]
+        os.truncate(tmp_path / "m.gguf", info.offset + 10)
+        with pytest.raises(GGUFFormatError, match="file ends inside tensor 'q8'"):
+            f.read_tensor_into("q8", np.empty(info.nbytes, dtype=np.uint8))
+
+
 def test_vocab_only_file_v2_and_empty_arrays(tmp_path: Path) -> None:
     empty = kv("e", VT.ARRAY, u32(VT.INT32) + u64(0))
     strings = kv("s", VT.ARRAY, u32(VT.STRING) + u64(0))

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
 from rocmforge import LLM, SamplingParams, native
+from rocmforge.gguf import read_gguf
 from rocmforge.quant import int4_cpu
 from rocmforge.quant.gguf_linear import GGUFLinear
 from rocmforge.synthetic import SyntheticSpec, random_hf_weights, write_gguf
@@ -76,13 +78,18 @@ def test_the_default_cpu_path_computes_on_the_file_blocks(q4_model: Path) -> Non
     assert isinstance(layer.self_attn.qkv_proj, GGUFLinear) and layer.self_attn.qkv_proj.kernels == "native"
     assert "Q4_0[128]|Q4_1[64]|Q4_0[64]" in repr(layer.self_attn.qkv_proj)  # q | k | v parts, as stored
     assert isinstance(model.lm_head, GGUFLinear)
-    # No copy: the blocks the matmul reads lie in the mapping of the file itself.
-    assert _mapped_file(layer.mlp.down_proj.get_buffer("weight_0").data_ptr()) == str(q4_model)
-    assert _mapped_file(model.lm_head.get_buffer("weight_0").data_ptr()) == str(q4_model)
+    # The file's bytes as stored, in memory of their own (read, not mapped: the file's
+    # page-cache pages are not also counted in the process).
+    with read_gguf(q4_model) as gguf:
+        for module, name in ((layer.mlp.down_proj, "blk.0.ffn_down.weight"), (model.lm_head, "output.weight")):
+            blocks = module.get_buffer("weight_0")
+            assert np.array_equal(blocks.reshape(-1).numpy(), gguf.tensor_data(name)), name
+            assert _mapped_file(blocks.data_ptr()) != str(q4_model), name
 
 
 def _mapped_file(address: int) -> str | None:
-    """The file mapped at ``address`` in this process (/proc/self/maps), None if anonymous."""
+    """What is mapped at ``address`` in this process (/proc/self/maps): a file's path,
+    ``[heap]`` and the like, or None for an anonymous mapping."""
     with open("/proc/self/maps", encoding="utf-8") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)

@@ -34,3 +34,4 @@ def test_quantize_matches_the_model_bit_for_bit(isa: int, ggml_type: int, block:
         else:
             np.testing.assert_array_equal(got.bsums, want.bsums)
         assert np.abs(got.qs).max() <= 127
+

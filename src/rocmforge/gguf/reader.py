@@ -2,7 +2,7 @@
 
 In:  a path to a GGUF v2/v3 little-endian file.
 Out: a :class:`GGUFFile` holding the metadata (parsed eagerly into Python values), one
-     :class:`TensorInfo` per tensor, and the open copy-on-write mmap; ``tensor_data`` hands
+     :class:`TensorInfo` per tensor, and the open read-only mmap; ``tensor_data`` hands
      out zero-copy ``uint8`` views into it for the dequant / weight-mapping stage.
 Ownership: the ``GGUFFile`` owns the mmap; ``close()`` releases it (views already handed
      out keep the mapping alive until they are dropped).
@@ -30,6 +30,7 @@ import mmap
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -101,8 +102,16 @@ class TensorInfo:
         return prod(self.dims)
 
 
+READ_CHUNK = 16 << 20
+"""Bytes per positioned read of :meth:`GGUFFile.read_tensor_into`."""
+READ_THREADS = 4
+"""Most threads one tensor is read with (measured on 2 cores: a 1.1 GB file in 0.3 s with
+two, 0.5-1.5 s with one)."""
+
+
 class GGUFFile:
-    """A parsed GGUF file over an open copy-on-write mmap.
+    """A parsed GGUF file over an open read-only mmap (and a descriptor of the same
+    open file, for :meth:`read_tensor_into`).
 
     Built by :func:`read_gguf` from already-validated parts; usable as a context manager.
     """
@@ -118,6 +127,7 @@ class GGUFFile:
         metadata: dict[str, Any],
         metadata_types: dict[str, tuple[GGUFValueType, ...]],
         tensors: dict[str, TensorInfo],
+        fd: int | None = None,
     ) -> None:
         self.path = path
         self.version = version
@@ -127,24 +137,55 @@ class GGUFFile:
         self.metadata_types = metadata_types
         self.tensors = tensors
         self._mapping: mmap.mmap | None = mapping
+        self._fd = fd
 
-    def tensor_data(self, name: str, *, writable: bool = False) -> np.ndarray:
-        """The raw bytes of tensor ``name``: a 1-D ``uint8`` view into the mmap, no copy.
-
-        Read-only by default. ``writable=True`` returns a view flagged writable, for consumers
-        that insist (``torch.from_numpy``): the file is mapped copy-on-write, so a write would
-        change only this process's copy of the page, never the file."""
+    def tensor_data(self, name: str) -> np.ndarray:
+        """The raw bytes of tensor ``name``: a 1-D read-only ``uint8`` view into the mmap."""
         info = self.tensors.get(name)
         if info is None:
             raise GGUFError(f"{self.path}: no tensor named {name!r}", param=name)
         if self._mapping is None:
             raise GGUFError(f"{self.path}: file is closed")
-        view = np.frombuffer(self._mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        view.flags.writeable = writable
-        return view
+        return np.frombuffer(self._mapping, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def read_tensor_into(self, name: str, out: np.ndarray) -> None:
+        """Read tensor ``name``'s bytes into ``out`` (C-contiguous ``uint8`` of exactly its
+        size) by positioned reads of the file: a copy of its own that never passes through
+        the mapping, so none of the file's pages count in this process's memory."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise GGUFError(f"{self.path}: no tensor named {name!r}", param=name)
+        if self._fd is None:
+            raise GGUFError(f"{self.path}: file is closed")
+        if out.dtype != np.uint8 or out.nbytes != info.nbytes or not out.flags.c_contiguous:
+            raise ValueError(f"need a contiguous uint8 buffer of {info.nbytes} bytes for {name!r}")
+        view = memoryview(out.data).cast("B")
+        fd = self._fd
+
+        def read(start: int) -> None:
+            end, done = min(info.nbytes, start + READ_CHUNK), start
+            while done < end:
+                count = os.preadv(fd, [view[done:end]], info.offset + done)
+                if count == 0:
+                    raise GGUFFormatError(f"file ends inside tensor {name!r} (was it truncated while open?)",
+                                          field=name, offset=info.offset + done, path=str(self.path))
+                done += count
+
+        starts = range(0, info.nbytes, READ_CHUNK)
+        if len(starts) == 1:
+            read(0)
+            return
+        # Big tensors in chunks on a few threads (preadv releases the GIL): the copy out of
+        # the page cache and the first touch of the new pages go about twice as fast.
+        with ThreadPoolExecutor(min(READ_THREADS, len(starts))) as pool:
+            list(pool.map(read, starts))
 
     def close(self) -> None:
-        """Release the mmap. Views from ``tensor_data`` stay valid and keep it alive."""
+        """Release the mmap and the descriptor. Views from ``tensor_data`` stay valid and
+        keep the mapping alive."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
         mapping, self._mapping = self._mapping, None
         if mapping is None:
             return
@@ -184,16 +225,16 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         with open(path, "rb") as fh:
             if os.fstat(fh.fileno()).st_size == 0:
                 raise GGUFFormatError("file is empty", field="magic", offset=0, path=str(path))
-            # Copy-on-write: the tensors stay page-cache pages of the file (shared, evictable)
-            # and a stray write could only ever touch a private copy.
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = os.dup(fh.fileno())
     except OSError as exc:
         raise GGUFError(f"cannot open GGUF file {path}: {exc.strerror or exc}") from exc
     start = time.perf_counter()
     try:
-        gguf_file = _parse(_Cursor(mapping, str(path)), path, mapping)
-    except BaseException:  # close the mapping whatever went wrong, then re-raise
+        gguf_file = _parse(_Cursor(mapping, str(path)), path, mapping, fd)
+    except BaseException:  # close the mapping and descriptor whatever went wrong, then re-raise
         mapping.close()
+        os.close(fd)
         raise
     logger.debug("parsed %r in %.3f s", gguf_file, time.perf_counter() - start)
     return gguf_file
@@ -305,7 +346,7 @@ class _Cursor:
         return vtype
 
 
-def _parse(cur: _Cursor, path: Path, mapping: mmap.mmap) -> GGUFFile:
+def _parse(cur: _Cursor, path: Path, mapping: mmap.mmap, fd: int) -> GGUFFile:
     """Parse and validate everything; returns the finished ``GGUFFile``."""
     cur.need(4, "magic")
     magic = cur.buf[0:4]
@@ -350,7 +391,7 @@ def _parse(cur: _Cursor, path: Path, mapping: mmap.mmap) -> GGUFFile:
     data_offset = -(-cur.pos // alignment) * alignment
     tensors = _place_tensors(cur, infos, data_offset)
     return GGUFFile(
-        path=path, mapping=mapping, version=version, alignment=alignment,
+        path=path, mapping=mapping, fd=fd, version=version, alignment=alignment,
         data_offset=data_offset, metadata=metadata, metadata_types=metadata_types,
         tensors=tensors,
     )  # fmt: skip

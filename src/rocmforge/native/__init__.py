@@ -14,6 +14,7 @@ ATen's intra-op thread pool, sized by ``torch.set_num_threads``.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -69,14 +70,25 @@ def build(*, verbose: bool = False) -> Path:
     if scripts and scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
     target = cache_dir() / _build_key()
+    target.mkdir(parents=True, exist_ok=True)
     library = target / "rocmforge_cpu.so"
+    sources = [str(p) for p in sorted(SOURCES.glob("*.cpp"))]
+    # One build at a time per cache entry, under a lock the kernel drops when its holder
+    # dies. torch's own lock is a plain file that a killed build leaves behind, after which
+    # every later load would wait on it forever: holding ours, any such file is stale.
+    with open(target / "rocmforge.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (target / "lock").unlink(missing_ok=True)
+        _load(cpp_extension, sources, target, library, verbose)
+    return library
+
+
+def _load(cpp_extension: Any, sources: list[str], target: Path, library: Path, verbose: bool) -> None:
     if not library.exists():
-        target.mkdir(parents=True, exist_ok=True)
         logger.warning("compiling rocmforge's native CPU kernels into %s (once; about a minute)", target)
         start = time.perf_counter()
     else:
         start = None
-    sources = [str(p) for p in sorted(SOURCES.glob("*.cpp"))]
     try:
         cpp_extension.load(
             name="rocmforge_cpu",
@@ -91,7 +103,6 @@ def build(*, verbose: bool = False) -> Path:
         raise RuntimeError(f"building the native CPU kernels failed: {exc}") from exc
     if start is not None:
         logger.warning("native CPU kernels compiled in %.0f s", time.perf_counter() - start)
-    return library
 
 
 @functools.cache

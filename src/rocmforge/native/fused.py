@@ -85,9 +85,10 @@ def decoder_layer(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``layer(x, residual, rotation, metadata)`` of a decode step (one token per sequence)
     as one native call; None where this step or layer is not one it runs (prefill chunks,
-    mixed batches, non-native projections, other dtypes): the caller runs the modules."""
+    mixed batches, another attention backend, non-native projections, other dtypes): the
+    caller runs the modules."""
     attn = layer.self_attn
-    if (metadata.max_query_len != 1 or x.shape[0] != metadata.num_seqs or x.dtype != torch.float32
+    if (attn.backend.name != "native" or metadata.max_query_len != 1 or x.shape[0] != metadata.num_seqs or x.dtype != torch.float32
             or attn.k_cache is None or attn.v_cache is None or attn.k_cache.dtype != torch.float32):
         return None
     operands = _operands(layer)
