@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from rocmforge.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+"""Most ``logit_bias`` entries one request may carry."""
 MAX_TOP_K = 2**31 - 1
 """``top_k`` beyond any vocabulary; the bound keeps it inside the sampler's integer types."""
 
@@ -53,9 +55,14 @@ class SamplingParams:
     """Also return, for every prompt token after the first, its log-probability given the
     tokens before it and this many top alternatives (disables prefix-cache hits)."""
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    """``(token id, bias)`` pairs added to the logits before any sampling step (OpenAI's
+    ``logit_bias``: -100 all but bans a token, +100 all but forces it); a ``{id: bias}`` dict
+    is accepted too. Log-probabilities stay those of the model's distribution."""
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
+        object.__setattr__(self, "logit_bias", _as_bias(self.logit_bias))
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids"))
         _check_int(self.max_tokens, "max_tokens", low=1)
@@ -83,6 +90,20 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _as_bias(value: object) -> tuple[tuple[int, float], ...]:
+    items = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, (list, tuple)) and len(i) == 2 for i in items):
+        raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias")
+    if len(items) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias has {len(items)} entries; at most {MAX_LOGIT_BIAS}", param="logit_bias")
+    for token, bias in items:
+        _check_int(token, "logit_bias", low=0)
+        _check_float(bias, "logit_bias", low=-100.0, high=100.0)
+    if len({token for token, _ in items}) != len(items):
+        raise InvalidRequestError("logit_bias names a token id twice", param="logit_bias")
+    return tuple(sorted((token, float(bias)) for token, bias in items))
 
 
 def _as_tuple(value: object, kind: type, name: str) -> tuple:

@@ -227,6 +227,37 @@ def test_penalties_change_the_greedy_choice() -> None:
         assert token == 1, params
 
 
+def test_logit_bias_shifts_exactly_the_named_tokens_per_row() -> None:
+    logits = torch.tensor([[3.0, 2.6, 1.0, 0.5], [3.0, 2.6, 1.0, 0.5]])
+    banned = SamplingParams(temperature=0.0, logit_bias={0: -100})
+    forced = SamplingParams(temperature=0.0, logit_bias=[(3, 100.0), (1, -1.5)])
+    out = Sampler()(logits, make_batch([banned, forced]))
+    assert out.token_ids.tolist() == [1, 3]
+    # Sampled rows see the bias as an exact shift: with temperature 1, token 2 +2.0 and the
+    # rest unchanged gives softmax([3, 2.6, 3, 0.5]).
+    params = SamplingParams(temperature=1.0, logit_bias={2: 2.0})
+    samples = draw([3.0, 2.6, 1.0, 0.5], params)
+    probs = torch.softmax(torch.tensor([3.0, 2.6, 3.0, 0.5]), dim=-1)
+    assert chi_square(samples, probs) < chi_square_bound(3)
+
+
+def test_logit_bias_leaves_the_logprobs_of_the_model() -> None:
+    logits = torch.tensor([[3.0, 2.6, 1.0, 0.5]])
+    out = Sampler()(logits, make_batch([SamplingParams(temperature=0.0, logprobs=1, logit_bias={3: 100})]))
+    assert out.token_ids.item() == 3
+    assert out.logprobs[0, 0].item() == pytest.approx(torch.log_softmax(logits, -1)[0, 3].item())
+
+
+@pytest.mark.parametrize("bias", [{1: 101}, {1: float("nan")}, {-1: 5}, [(1, 1.0), (1, 2.0)], {1: "5"}, "x",
+                                  {i: 1.0 for i in range(1025)}])
+def test_logit_bias_is_validated(bias: object) -> None:
+    from rocmforge.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError) as raised:
+        SamplingParams(logit_bias=bias)
+    assert raised.value.param == "logit_bias"
+
+
 # --- seeds -------------------------------------------------------------------------------------
 
 
@@ -429,6 +460,23 @@ def test_stop_token_ids(make_llm, greedy_run) -> None:
     [out] = llm.generate(PROMPT, params)
     assert out.token_ids == tokens[: k + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", tokens[k])
+
+
+def test_logit_bias_through_the_engine(make_llm, greedy_run) -> None:
+    """Banning the greedy run's first token moves the choice; forcing one repeats it; an id
+    outside the vocabulary is refused before anything is queued."""
+    from rocmforge.errors import InvalidRequestError
+
+    llm = make_llm()
+    first = greedy_run.token_ids[0]
+    [banned] = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=3, logit_bias={first: -100}))
+    assert banned.token_ids[0] != first
+    forced = next(t for t in range(100, 200) if t != first)
+    [out] = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True,
+                                                logit_bias={forced: 100}))
+    assert out.token_ids == [forced] * 4
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.generate(PROMPT, SamplingParams(logit_bias={llm.config.vocab_size: 1.0}))
 
 
 def test_max_tokens_finishes_with_length(make_llm, greedy_run) -> None:

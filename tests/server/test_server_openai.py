@@ -56,6 +56,24 @@ def test_completion_matches_native_generate_and_counts_usage(oai: openai.OpenAI,
     assert completion.usage.total_tokens == prompt_tokens + 10
 
 
+def test_logit_bias_bans_and_forces_tokens(oai: openai.OpenAI, client: httpx.Client) -> None:
+    greedy = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+                                            "ignore_eos": True}).json()["token_ids"]
+    forced = next(t for t in range(100, 200) if t not in greedy)
+    native = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                                            "logit_bias": {str(forced): 100}}).json()
+    assert native["token_ids"] == [forced] * 3
+    completion = oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0,
+                                        logit_bias={str(forced): 100}, extra_body=IGNORE_EOS)
+    assert completion.choices[0].text == native["text"]
+    banned = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0,
+                                            "logit_bias": {str(greedy[0]): -100}}).json()
+    assert banned["token_ids"][0] != greedy[0]
+    chat = oai.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=1, temperature=0,
+                                       logprobs=True, logit_bias={str(forced): 100})
+    assert chat.choices[0].logprobs.content[0].logprob < 0  # the model's own probability of it
+
+
 def test_completion_without_model_field(client: httpx.Client) -> None:
     """``model`` is optional: the served model answers."""
     response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})

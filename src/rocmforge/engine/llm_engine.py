@@ -67,7 +67,8 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> list[int]:
         """What :meth:`add_request` checks about the request itself (not the engine's state):
-        the prompt is a non-empty list of ids in the vocabulary, the stop token ids are in it,
+        the prompt is a non-empty list of ids in the vocabulary, the stop token ids and the
+        ``logit_bias`` ids are in it,
         and prompt + ``max_tokens`` fit the context window. Returns the prompt as a list.
         Raises :class:`InvalidRequestError` / ``ContextLengthExceededError``. It reads only
         what never changes after construction, so any thread may call it (the async engine
@@ -76,6 +77,7 @@ class LLMEngine:
             raise InvalidRequestError("params must be a SamplingParams", param="params")
         ids = check_token_ids(prompt_token_ids, self.vocab_size, "prompt")
         check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids", allow_empty=True)
+        check_token_ids([token for token, _ in params.logit_bias], self.vocab_size, "logit_bias", allow_empty=True)
         self.scheduler.check_length(len(ids), params.max_tokens)
         return ids
 

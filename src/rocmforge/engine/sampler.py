@@ -5,7 +5,7 @@ In: fp32 logits ``[B, vocab]`` for the rows that sample this step, and a
 requests' :class:`~rocmforge.sampling_params.SamplingParams`). Out: one token id per row and,
 when asked, the chosen token's log-probability with the top-n alternatives.
 
-Order of operations (as vLLM/HF): penalties -> stop tokens masked while a request is
+Order of operations (as vLLM/HF): penalties -> logit bias -> stop tokens masked while a request is
 below its ``min_tokens`` -> greedy argmax or (temperature -> top-k ->
 top-p -> min-p -> draw). Log-probabilities are those of the raw model distribution.
 Random draws use the exponential-race trick (``argmax(p / Exp(1))``, gpt-fast), with a
@@ -49,6 +49,14 @@ class Sampler:
         params = batch.params
         raw_logits = logits
         logits = apply_penalties(logits, batch)
+        if any(p.logit_bias for p in params):
+            rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+            cols = [token for p in params for token, _ in p.logit_bias]
+            biases = [bias for p in params for _, bias in p.logit_bias]
+            logits = logits.index_put(
+                (to_device(rows, logits.device), to_device(cols, logits.device)),
+                to_device(biases, logits.device, logits.dtype), accumulate=True,
+            )
         if any(batch.suppressed):
             rows = [i for i, ids in enumerate(batch.suppressed) for _ in ids]
             cols = [t for ids in batch.suppressed for t in ids]

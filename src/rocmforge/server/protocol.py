@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-from rocmforge.sampling_params import MAX_LOGPROBS, MAX_TOP_K, SamplingParams
+from rocmforge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_TOP_K, SamplingParams
 
 
 def _valid_unicode(text: str) -> str:
@@ -57,6 +57,9 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     ignore_eos: StrictBool | None = None
     min_tokens: StrictInt | None = None
+    logit_bias: Annotated[dict[Annotated[int, Field(ge=0)], Annotated[FiniteFloat, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    """OpenAI's ``{"token id": bias}`` (JSON keys are strings: ``"50256"`` is id 50256)."""
 
     def sampling_kwargs(self) -> dict[str, Any]:
         fields = self.model_dump(
@@ -68,6 +71,8 @@ class _SamplingFields(_Strict):
         )
         if self.stop is not None:
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        if self.logit_bias:
+            fields["logit_bias"] = self.logit_bias
         return fields
 
 
