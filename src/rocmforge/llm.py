@@ -228,6 +228,7 @@ class LLM:
         order = [request_id for request_id, _, _ in pending]
         prompts = {request_id: ids for request_id, ids, _ in pending}
         tokens: dict[str, list[int]] = {request_id: [] for request_id in order}
+        cached: dict[str, int] = dict.fromkeys(order, 0)
         logprobs: dict[str, list[TokenLogprobs]] = {request_id: [] for request_id in order}
         finals: dict[str, RequestOutput] = {}
         prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
@@ -241,6 +242,7 @@ class LLM:
                     if output.request_id not in tokens:
                         continue  # another caller's request (a stream left open)
                     tokens[output.request_id].extend(output.new_token_ids)
+                    cached[output.request_id] = max(cached[output.request_id], output.num_cached_tokens)
                     logprobs[output.request_id].extend(output.new_logprobs)
                     if output.prompt_logprobs is not None:
                         prompt_logprobs[output.request_id] = output.prompt_logprobs
@@ -260,6 +262,7 @@ class LLM:
                 logprobs=logprobs[request_id] if params.logprobs is not None else None,
                 prompt_logprobs=prompt_logprobs.get(request_id),
                 stop_reason=finals[request_id].stop_reason,
+                num_cached_tokens=cached[request_id],
             )
             for request_id, params in zip(order, param_list)
         ]

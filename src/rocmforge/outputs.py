@@ -33,6 +33,8 @@ class RequestOutput:
     """``stop`` | ``length`` | ``cancelled`` | ``error`` once finished."""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache rather than being computed."""
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] | None = None
     """Set on a request's first output when it asked for prompt logprobs."""
@@ -54,3 +56,5 @@ class Completion:
     prompt_logprobs: list[TokenLogprobs] | None = None
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended generation, if any."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (OpenAI's ``cached_tokens``)."""

@@ -74,6 +74,23 @@ def test_logit_bias_bans_and_forces_tokens(oai: openai.OpenAI, client: httpx.Cli
     assert chat.choices[0].logprobs.content[0].logprob < 0  # the model's own probability of it
 
 
+def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(oai: openai.OpenAI) -> None:
+    prompt = "A prompt no other test sends, long enough to fill whole KV blocks: " + "one two three " * 12
+    first = oai.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = oai.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens  # whole blocks; the last token is always computed
+    stream = oai.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0, stream=True,
+                                    stream_options={"include_usage": True})
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [cached]
+    messages = [{"role": "user", "content": prompt}]
+    oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1)
+    chat = oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1)
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0
+
+
 def test_completion_without_model_field(client: httpx.Client) -> None:
     """``model`` is optional: the served model answers."""
     response = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})

@@ -172,6 +172,7 @@ class LLMEngine:
             finished=request.is_finished,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
             new_logprobs=[logprobs] if logprobs is not None else [],
         )
         if live.prompt_logprobs and request.num_output_tokens == 1:

@@ -49,6 +49,7 @@ class RequestStream:
         self._final: RequestOutput | None = None
         self._token_ids: list[int] = []
         self._text = ""
+        self._num_cached_tokens = 0
         self._logprobs: list[TokenLogprobs] = []
         self._prompt_logprobs: list[TokenLogprobs] | None = None
 
@@ -74,6 +75,7 @@ class RequestStream:
             raise
         self._token_ids.extend(output.new_token_ids)
         self._text = output.text
+        self._num_cached_tokens = max(self._num_cached_tokens, output.num_cached_tokens)
         self._logprobs.extend(output.new_logprobs)
         if output.prompt_logprobs is not None:
             self._prompt_logprobs = output.prompt_logprobs
@@ -105,6 +107,7 @@ class RequestStream:
             logprobs=self._logprobs if self._params.logprobs is not None else None,
             prompt_logprobs=self._prompt_logprobs,
             stop_reason=stop_reason,
+            num_cached_tokens=self._num_cached_tokens,
         )
 
     async def cancel(self) -> bool:

@@ -72,11 +72,14 @@ async def _submit_all(
     return streams
 
 
-def _usage(results: Sequence[Completion], n: int) -> dict[str, int]:
-    """Each prompt counts once, whatever the number of choices generated from it."""
+def _usage(results: Sequence[Completion], n: int) -> dict[str, Any]:
+    """Each prompt counts once, whatever the number of choices generated from it; its cached
+    tokens are those of its first choice's request."""
     prompt = sum(len(r.prompt_token_ids) for r in results[::n])
     completion = sum(len(r.token_ids) for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = sum(r.num_cached_tokens for r in results[::n])
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # --- /v1/models ---------------------------------------------------------------------------
@@ -157,6 +160,7 @@ async def _completion_events(
 ) -> AsyncIterator[str]:
     created, model = now(), state.model_name
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cached = 0
     echoed: set[int] = set()
     try:
         async for index, output in merged(streams):
@@ -176,13 +180,15 @@ async def _completion_events(
                 usage["completion_tokens"] += output.num_output_tokens
                 if index % n == 0:
                     usage["prompt_tokens"] += output.num_prompt_tokens
+                    cached += output.num_cached_tokens
             if text or output.finished or choice["logprobs"]:
                 yield sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
                            "choices": [choice]})
         if include_usage:
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            totals = {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+                      "prompt_tokens_details": {"cached_tokens": cached}}
             yield sse({"id": completion_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [], "usage": usage})
+                       "choices": [], "usage": totals})
         yield sse("[DONE]")
     except RocmForgeError as exc:
         yield sse({"error": {**exc.to_dict(), "request_id": completion_id}})
@@ -252,6 +258,7 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
                     "choices": choices, **extra})
 
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    cached = 0
     try:
         for index in range(len(streams)):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
@@ -270,10 +277,12 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
                 usage["completion_tokens"] += output.num_output_tokens
                 if index == 0:
                     usage["prompt_tokens"] = output.num_prompt_tokens
+                    cached = output.num_cached_tokens
             if choice["delta"] or output.finished or choice["logprobs"]:
                 yield chunk([choice])
         if include_usage:
-            yield chunk([], usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]})
+            yield chunk([], usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
+                                   "prompt_tokens_details": {"cached_tokens": cached}})
         yield sse("[DONE]")
     except RocmForgeError as exc:
         yield sse({"error": {**exc.to_dict(), "request_id": completion_id}})
