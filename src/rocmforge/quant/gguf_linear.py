@@ -19,9 +19,9 @@ per buffer, each writing its column slice of one preallocated output::
     buffers weight_0 (Q4_K, q+k rows)     | weight_1 (Q6_K, v rows)
     output  y[:, 0 : q+k]                 | y[:, q+k : q+k+v]
 
-With ``native`` every part stays its own buffer, as given: a view into the mapped file
-costs no copy, and one operator call computes all parts (the activations are quantized once
-per call), in fp32.
+With ``native`` every part stays its own buffer, as given (merging them would copy every
+fused weight once more at load), and one operator call computes all parts (the activations
+are quantized once per format per call), in fp32.
 
 A caller may permute the rows of a part before construction (the Q/K rope permutation):
 blocks run along a row, so ``part[perm]`` is the exact quantized form of the permuted
