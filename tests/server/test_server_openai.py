@@ -178,19 +178,22 @@ def test_stop_string_truncates_the_text(oai: openai.OpenAI, client: httpx.Client
     assert completion.usage.completion_tokens < 24
 
 
-def test_logprobs(oai: openai.OpenAI) -> None:
+def test_logprobs(oai: openai.OpenAI, client: httpx.Client) -> None:
     completion = oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2,
                                         extra_body=IGNORE_EOS)
+    native = client.post("/generate", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 2,
+                                            "ignore_eos": True}).json()["logprobs"]
     [choice] = completion.choices
     logprobs = choice.logprobs
     assert logprobs is not None
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
     assert "".join(logprobs.tokens) == choice.text or "\ufffd" in choice.text  # split UTF-8 decodes per token
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
-    for token_logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+    for token_logprob, top, entry in zip(logprobs.token_logprobs, logprobs.top_logprobs, native, strict=True):
         assert token_logprob <= 0
-        # Keyed by token text: two alternatives that decode alike collapse into one key.
-        assert 1 <= len(top) <= 2
+        # Keyed by token text: the two best alternatives' texts (two that decode alike
+        # collapse into one key).
+        assert set(top) == {alt["token"] for alt in entry["top"]} and len(entry["top"]) == 2
         # Greedy: the chosen token is the best alternative.
         assert max(top.values()) == pytest.approx(token_logprob, abs=1e-5)
 
