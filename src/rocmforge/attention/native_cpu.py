@@ -8,25 +8,12 @@ from __future__ import annotations
 import torch
 
 from rocmforge.attention.metadata import AttentionMetadata
-from rocmforge.attention.torch_ref import paged_attention, write_kv
+from rocmforge.attention.torch_ref import TorchPagedAttention
 from rocmforge.native import ops
 
 
-class NativeCPUAttention:
+class NativeCPUAttention(TorchPagedAttention):
     name = "native"
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return self.attend(q, k_cache, v_cache, metadata, scale)
 
     def attend(
         self,
@@ -40,5 +27,5 @@ class NativeCPUAttention:
         native = ops()
         decode = metadata.max_query_len == 1 and q.shape[0] == metadata.num_seqs
         if native is None or not decode or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
-            return paged_attention(q, k_cache, v_cache, metadata, scale)
+            return super().attend(q, k_cache, v_cache, metadata, scale)
         return native.decode_attention(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, scale)

@@ -18,6 +18,9 @@ from rocmforge.attention.metadata import AttentionMetadata
 
 
 class TorchPagedAttention:
+    """The reference backend; the others subclass it for ``forward`` (K/V written with
+    :func:`write_kv`, then their own ``attend``)."""
+
     name = "torch"
 
     def forward(
@@ -31,7 +34,7 @@ class TorchPagedAttention:
         scale: float,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, metadata, scale)
+        return self.attend(q, k_cache, v_cache, metadata, scale)
 
     def attend(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from rocmforge.attention.metadata import AttentionMetadata
-from rocmforge.attention.torch_ref import write_kv
+from rocmforge.attention.torch_ref import TorchPagedAttention
 from rocmforge.kernels import kernels_usable
 from rocmforge.kernels.paged_attention import (
     paged_decode_attention,
@@ -22,21 +22,8 @@ from rocmforge.kernels.paged_attention import (
 )
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(TorchPagedAttention):
     name = "triton"
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
-        return self.attend(q, k_cache, v_cache, metadata, scale)
 
     def attend(
         self,
