@@ -150,6 +150,13 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class InvalidGrammarError(InvalidRequestError):
+    """A structured-output constraint (JSON schema, regex, grammar, choice) that does not
+    compile; the message says where."""
+
+    code = "invalid_grammar"
+
+
 class RequestNotFoundError(RocmForgeError):
     category = ErrorCategory.USER
     code = "request_not_found"

@@ -2,7 +2,8 @@
 
 Flows in from the Python API (``LLM.generate``) and from the HTTP server's request models;
 flows out to the scheduler (``max_tokens``, ``min_tokens``, stop ids, ``ignore_eos``), the
-sampler (everything numeric) and the detokenizer (``stop`` strings).
+sampler (everything numeric), the detokenizer (``stop`` strings) and the grammar compiler
+(``structured``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from rocmforge.errors import InvalidRequestError
+from rocmforge.structured.spec import StructuredOutput
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024
@@ -59,12 +61,19 @@ class SamplingParams:
     """``(token id, bias)`` pairs added to the logits before any sampling step (OpenAI's
     ``logit_bias``: -100 all but bans a token, +100 all but forces it); a ``{id: bias}`` dict
     is accepted too. Log-probabilities stay those of the model's distribution."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a JSON schema, a regex, a choice or a grammar: every sampled
+    token is one the constraint allows, and the request finishes (``stop``) as soon as the
+    output is complete. ``min_tokens`` does not hold such a request back; logprobs stay those
+    of the model's unconstrained distribution."""
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
         object.__setattr__(self, "logit_bias", _as_bias(self.logit_bias))
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids"))
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequestError("structured must be a StructuredOutput", param="structured")
         _check_int(self.max_tokens, "max_tokens", low=1)
         _check_int(self.min_tokens, "min_tokens", low=0)
         if self.min_tokens > self.max_tokens:

@@ -162,7 +162,7 @@ CASES = [
     Case("chat-bad-content-part", "/v1/chat/completions",
          chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]),
          param="messages.0.content.0.type"),
-    Case("chat-response-format-json", "/v1/chat/completions", chat(response_format={"type": "json_object"}),
+    Case("chat-response-format-unknown", "/v1/chat/completions", chat(response_format={"type": "yaml"}),
          param="response_format.type"),
     Case("tokenize-both-prompt-and-messages", "/tokenize", {"prompt": "Hi", "messages": CHAT}, param="prompt"),
     Case("tokenize-neither", "/tokenize", {}, param="prompt"),

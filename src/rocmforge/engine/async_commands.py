@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from rocmforge.outputs import RequestOutput
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.structured.matcher import GrammarMatcher
 
 if TYPE_CHECKING:
     from rocmforge.engine.llm_engine import LLMEngine
@@ -79,6 +80,9 @@ class Submit:
     params: SamplingParams
     sink: Sink
     reply: Reply
+    grammar: GrammarMatcher | None = None
+    """The request's structured-output matcher, compiled before posting (never on the
+    engine thread, where a big schema would stall every running request)."""
 
 
 @dataclass(slots=True)

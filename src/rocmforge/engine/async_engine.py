@@ -148,13 +148,16 @@ class AsyncEngine:
             )
         try:
             ids = self._engine.check_request(prompt_token_ids, params)
+            # compiled on a worker thread: neither the event loop nor the engine thread waits
+            grammar = (await asyncio.to_thread(self._engine.grammars.matcher, params.structured)
+                       if params.structured is not None else None)
         except InvalidRequestError as exc:
             logger.debug("request %s refused: %s", request_id, exc, extra={"request_id": request_id})
             raise
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         sink = Sink(request_id, loop)
-        self._post(Submit(request_id, ids, params, sink, Reply(loop, future)))
+        self._post(Submit(request_id, ids, params, sink, Reply(loop, future), grammar))
         try:
             await future
         except asyncio.CancelledError:

@@ -255,7 +255,8 @@ class EngineLoop:
             self._answer_error(command.reply, self.refusal())
             return
         try:
-            request = self._engine.add_request(rid, command.prompt_token_ids, command.params)
+            request = self._engine.add_request(rid, command.prompt_token_ids, command.params,
+                                               grammar=command.grammar)
         except RocmForgeError as exc:
             logger.debug("request %s refused: %s", rid, exc, extra={"request_id": rid})
             self._answer_error(command.reply, exc)

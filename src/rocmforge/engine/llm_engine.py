@@ -31,6 +31,8 @@ from rocmforge.engine.scheduler import Scheduler
 from rocmforge.errors import InvalidRequestError
 from rocmforge.outputs import RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.structured.compiler import GrammarCompiler
+from rocmforge.structured.matcher import GrammarMatcher
 from rocmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class LLMEngine:
         self.scheduler = scheduler
         self.recovery = recovery or RecoveryPolicy()
         """Retry bounds for failed steps; assign another policy to change them."""
+        self.grammars = GrammarCompiler(tokenizer)
+        """Compiles structured-output constraints (``SamplingParams.structured``)."""
         self._live: dict[str, _Live] = {}
 
     @property
@@ -81,14 +85,24 @@ class LLMEngine:
         self.scheduler.check_length(len(ids), params.max_tokens)
         return ids
 
-    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> Request:
-        """Queue a request (validated: :meth:`check_request`). Raises the scheduler's admission
-        errors too (a duplicate id, a full queue)."""
+    def add_request(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+                    *, grammar: GrammarMatcher | None = None) -> Request:
+        """Queue a request (validated: :meth:`check_request`). Its structured-output
+        constraint is compiled here (``InvalidGrammarError`` if it does not compile) unless
+        ``grammar`` is its matcher, made by :attr:`grammars` beforehand (the async engine
+        compiles off the engine thread). Raises the scheduler's admission errors too (a
+        duplicate id, a full queue)."""
+        ids = self.check_request(prompt_token_ids, params)
+        if params.structured is None:
+            grammar = None
+        elif grammar is None:
+            grammar = self.grammars.matcher(params.structured)
         request = Request(
             request_id=request_id,
-            prompt_token_ids=self.check_request(prompt_token_ids, params),
+            prompt_token_ids=ids,
             params=params,
             eos_token_ids=self.tokenizer.stop_ids,
+            grammar=grammar,
         )
         self.scheduler.add_request(request)
         self._live[request_id] = _Live(request, IncrementalDetokenizer(self.tokenizer, params))
@@ -124,7 +138,28 @@ class LLMEngine:
             del known[start:]
             known.extend(entries)
         updated = self.scheduler.update(out, result)
+        self._advance_grammars(updated)
         return [self._output_or_fail(request, result.logprobs.get(request.request_id)) for request in updated]
+
+    def _advance_grammars(self, updated: list[Request]) -> None:
+        """Feed each constrained request its new token; finish it (``stop``) when its output
+        is complete, fail it when the grammar broke (the mask allowed only what it accepts,
+        so that is a limit the grammar hit, not the model's doing; the refused token is not
+        part of the output)."""
+        for request in updated:
+            grammar = request.grammar
+            if grammar is None or request.finish_reason is FinishReason.ERROR:
+                continue
+            rid = request.request_id
+            if not grammar.accept(request.output_token_ids[-1]):
+                error = f"structured output: {grammar.error}"
+                logger.warning("request %s: %s", rid, error, extra={"request_id": rid})
+                if request.is_finished:  # by this very token (a stop token, max_tokens)
+                    request.finish_reason, request.error = FinishReason.ERROR, error
+                else:
+                    self.scheduler.finish_request(rid, FinishReason.ERROR, error)
+            elif grammar.is_finished and not request.is_finished:
+                self.scheduler.finish_request(rid, FinishReason.STOP)
 
     def _output_or_fail(self, request: Request, logprobs: TokenLogprobs | None) -> RequestOutput:
         """:meth:`_output`; a request whose output cannot be built (its token does not
@@ -162,8 +197,9 @@ class LLMEngine:
             elif request.finish_reason is FinishReason.LENGTH:
                 # The same token hit max_tokens: the text ends at the stop string, say so.
                 request.finish_reason = FinishReason.STOP
-        elif request.finish_reason is FinishReason.STOP:
-            stop_reason = token
+        elif request.finish_reason is FinishReason.STOP and (
+                token in request.eos_token_ids or token in request.params.stop_token_ids):
+            stop_reason = token  # not when a finished grammar ended it
         output = RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token] if token is not None else [],

@@ -33,6 +33,7 @@ import math
 import mmap
 import re
 from collections.abc import Iterator
+from concurrent import futures
 
 import torch
 
@@ -46,6 +47,7 @@ from rocmforge.models.config import ModelConfig
 from rocmforge.models.llama import LlamaForCausalLM
 from rocmforge.outputs import TokenLogprobs
 from rocmforge.sampling_params import MAX_LOGPROBS, SamplingParams
+from rocmforge.structured.matcher import MaskFiller
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class ModelRunner:
                           for _ in range(config.num_layers)]
         model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler()
+        self.masks = MaskFiller()
+        """The structured-output bitmask of each step, computed while the forward pass runs."""
         self._generators: dict[str, torch.Generator] = {}
         self.decode_graphs = DecodeGraphs(
             model, device=device, block_size=block_size, max_num_seqs=max_num_seqs,
@@ -129,7 +133,7 @@ class ModelRunner:
         """The largest step this runner will run, on dummy data, for the memory profile: a
         prefill of ``num_tokens`` tokens (one sequence over blocks ``0 ..``: the pool must
         hold them; a profiling runner is discarded afterwards), sampling ``num_seqs`` rows with
-        every filter, penalty and logprob on, prompt logprobs over the whole chunk, and the
+        every filter, penalty, grammar mask and logprob on, prompt logprobs over the whole chunk, and the
         largest padded decode step when decode runs at static shapes."""
         size = self.block_size
         blocks = -(-num_tokens // size)
@@ -146,7 +150,8 @@ class ModelRunner:
             params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
                                     presence_penalty=0.5, frequency_penalty=0.5, logprobs=MAX_LOGPROBS)
             batch = SamplingBatch(params=[params] * rows, prompt_ids=[[0]] * rows, output_ids=[[0]] * rows,
-                                  generators=[None] * rows, suppressed=[frozenset()] * rows)
+                                  generators=[None] * rows, suppressed=[frozenset()] * rows,
+                                  allowed=torch.full((rows, -(-self.vocab_size // 32)), -1, dtype=torch.int32))
             self.sampler(self.model.compute_logits(hidden[:rows])[:, : self.vocab_size], batch)
             if self.decode_graphs is not None:
                 self.decode_graphs.profile()
@@ -231,9 +236,20 @@ class ModelRunner:
             return self._execute_on_device(scheduled)
 
     def _execute_on_device(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        # The rows that sample are known before the forward pass: their grammar masks are
+        # computed meanwhile, on the mask thread; no step ends while one is still in work.
+        pending = self.masks.start([item.request.grammar for item in scheduled if item.samples])
+        try:
+            return self._forward_and_sample(scheduled, pending)
+        finally:
+            if pending is not None:
+                futures.wait([pending])
+
+    def _forward_and_sample(self, scheduled: list[ScheduledRequest],
+                            pending: futures.Future[torch.Tensor] | None) -> RunnerOutput:
         result = RunnerOutput(sampled={})
         if self.decode_graphs is not None and self.decode_graphs.accepts(scheduled):
-            self._sample(scheduled, self.decode_graphs.run(scheduled), result)
+            self._sample(scheduled, self.decode_graphs.run(scheduled), result, pending)
             return result
         input_ids: list[int] = []
         positions: list[int] = []
@@ -256,12 +272,14 @@ class ModelRunner:
         samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if item.samples]
         if samplers:
             rows = to_device([row for _, row in samplers], self.device)
-            self._sample([item for item, _ in samplers], self.model.compute_logits(hidden[rows]), result)
+            self._sample([item for item, _ in samplers], self.model.compute_logits(hidden[rows]), result, pending)
         self._prompt_logprobs(scheduled, ends, hidden, result)
         return result
 
-    def _sample(self, items: list[ScheduledRequest], logits: torch.Tensor, result: RunnerOutput) -> None:
-        """Sample one token per row of ``logits`` (row i: ``items[i]``) into ``result``."""
+    def _sample(self, items: list[ScheduledRequest], logits: torch.Tensor, result: RunnerOutput,
+                pending: futures.Future[torch.Tensor] | None) -> None:
+        """Sample one token per row of ``logits`` (row i: ``items[i]``, whose grammar mask,
+        if any row has one, ``pending`` is computing) into ``result``."""
         if logits.shape[-1] != self.vocab_size:
             logits = logits[:, : self.vocab_size]
         batch = SamplingBatch(
@@ -270,6 +288,7 @@ class ModelRunner:
             output_ids=[item.request.output_token_ids for item in items],
             generators=[self._generator(item) for item in items],
             suppressed=[_suppressed(item) for item in items],
+            allowed=pending.result() if pending is not None else None,
         )
         sampled = self.sampler(logits, batch)
         tokens = sampled.token_ids.tolist()  # the step's host synchronisation
@@ -330,10 +349,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _suppressed(item: ScheduledRequest) -> frozenset[int]:
-    """Stop tokens a request may not draw yet: it has fewer than ``min_tokens`` outputs."""
+    """Stop tokens a request may not draw yet: it has fewer than ``min_tokens`` outputs (a
+    constrained request's grammar says when it may end instead)."""
     request = item.request
     params = request.params
-    if request.num_output_tokens >= params.min_tokens:
+    if request.num_output_tokens >= params.min_tokens or request.grammar is not None:
         return frozenset()
     eos = frozenset() if params.ignore_eos else request.eos_token_ids
     return eos | frozenset(params.stop_token_ids)

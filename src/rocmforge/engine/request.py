@@ -1,7 +1,7 @@
 """One generation request and its token bookkeeping.
 
-Flows in from the engine (which tokenizes the prompt and fills ``eos_token_ids`` from the
-tokenizer); the :class:`~rocmforge.engine.scheduler.Scheduler` owns the request's state
+Flows in from the engine (which tokenizes the prompt, fills ``eos_token_ids`` from the
+tokenizer and compiles ``grammar``); the :class:`~rocmforge.engine.scheduler.Scheduler` owns the request's state
 from ``add_request`` on, the :class:`~rocmforge.engine.block_manager.BlockManager` writes
 its block table (``block_ids``) and block hashes, the model runner only reads it.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.structured.matcher import GrammarMatcher
 
 
 class RequestState(str, Enum):
@@ -84,6 +85,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list, repr=False)
     """Chained hashes of the request's full blocks of tokens, filled lazily by the block
     manager. Tokens are only ever appended, so entries never go stale."""
+    grammar: GrammarMatcher | None = field(default=None, repr=False)
+    """The structured-output state (``params.structured``): the engine makes it and advances
+    it with each sampled token; the model runner reads it to mask the logits."""
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

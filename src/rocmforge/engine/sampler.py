@@ -6,7 +6,7 @@ requests' :class:`~rocmforge.sampling_params.SamplingParams`). Out: one token id
 when asked, the chosen token's log-probability with the top-n alternatives.
 
 Order of operations (as vLLM/HF): penalties -> logit bias -> stop tokens masked while a request is
-below its ``min_tokens`` -> greedy argmax or (temperature -> top-k ->
+below its ``min_tokens`` -> the structured-output mask -> greedy argmax or (temperature -> top-k ->
 top-p -> min-p -> draw). Log-probabilities are those of the raw model distribution.
 Random draws use the exponential-race trick (``argmax(p / Exp(1))``, gpt-fast), with a
 per-request ``torch.Generator`` for seeded requests, so a seeded request draws the same
@@ -21,6 +21,7 @@ import torch
 
 from rocmforge.device import to_device
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.structured.matcher import apply_bitmask
 
 
 @dataclass(slots=True)
@@ -32,6 +33,9 @@ class SamplingBatch:
     """Per row: the request's own generator when it has a seed, else None."""
     suppressed: list[frozenset[int]]
     """Per row: token ids that must not be drawn (stop tokens before ``min_tokens``)."""
+    allowed: torch.Tensor | None = None
+    """``[B, ceil(vocab / 32)]`` int32 on the CPU: the structured-output bitmask (bit ``t % 32``
+    of word ``t // 32`` set: token ``t`` may be drawn; unconstrained rows all ones), or None."""
 
 
 @dataclass(slots=True)
@@ -64,6 +68,9 @@ class Sampler:
                 (to_device(rows, logits.device), to_device(cols, logits.device)),
                 torch.full((), float("-inf"), device=logits.device),
             )
+
+        if batch.allowed is not None:
+            logits = apply_bitmask(logits, batch.allowed)
 
         greedy_rows = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1)

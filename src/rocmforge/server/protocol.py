@@ -15,9 +15,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
+from rocmforge.errors import InvalidGrammarError
 from rocmforge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_TOP_K, SamplingParams
+from rocmforge.structured import StructuredOutput
 
 
 def _valid_unicode(text: str) -> str:
@@ -42,8 +54,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class JsonSchemaFormat(_Strict):
+    """OpenAI's ``response_format.json_schema``. The schema is always enforced (``strict``
+    or not: a constrained decoder has no best-effort mode)."""
+
+    name: Annotated[Text, Field(max_length=64)] = "response"
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
+
+
 class _SamplingFields(_Strict):
-    """Sampling fields shared by every generation route (vLLM's names and meanings)."""
+    """Sampling fields shared by every generation route (vLLM's names and meanings), and the
+    structured-output constraints: OpenAI's ``response_format``, and as extensions
+    ``grammar`` (Lark or llama.cpp GBNF), ``regex`` and ``choice``; at most one of them."""
 
     temperature: FiniteFloat | None = None
     top_p: FiniteFloat | None = None
@@ -60,6 +95,34 @@ class _SamplingFields(_Strict):
     logit_bias: Annotated[dict[Annotated[int, Field(ge=0)], Annotated[FiniteFloat, Field(ge=-100, le=100)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
     """OpenAI's ``{"token id": bias}`` (JSON keys are strings: ``"50256"`` is id 50256)."""
+    response_format: ResponseFormat | None = None
+    grammar: Text | None = None
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1, max_length=1024)] | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint the body asks for, or None. Raises ``InvalidGrammarError``
+        naming the field (two constraints, a schema that cannot be written as JSON, ...)."""
+        given: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.json_schema is not None:
+            given["response_format"] = {"json": fmt.json_schema.schema_}
+        for name in ("grammar", "regex", "choice"):
+            value = getattr(self, name)
+            if value is not None:
+                given[name] = {name: value}
+        if len(given) > 1:
+            raise InvalidGrammarError(f"{' and '.join(given)} both constrain the output; give one",
+                                      param=list(given)[1])
+        if not given:
+            return None
+        [(field, kwargs)] = given.items()
+        try:
+            return StructuredOutput(**kwargs)
+        except InvalidGrammarError as exc:
+            raise InvalidGrammarError(exc.message, param=structured_param(exc.param) if exc.param else field) from None
 
     def sampling_kwargs(self) -> dict[str, Any]:
         fields = self.model_dump(
@@ -73,7 +136,15 @@ class _SamplingFields(_Strict):
             fields["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         if self.logit_bias:
             fields["logit_bias"] = self.logit_bias
+        structured = self.structured_output()
+        if structured is not None:
+            fields["structured"] = structured
         return fields
+
+
+def structured_param(kind: str) -> str:
+    """The request field that carries a constraint of this kind."""
+    return {"json": "response_format.json_schema.schema", "json_object": "response_format"}.get(kind, kind)
 
 
 # --- native API -------------------------------------------------------------------------
@@ -156,10 +227,6 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Strict):
-    type: Literal["text"]
-
-
 class ChatCompletionRequest(_SamplingFields):
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -171,7 +238,6 @@ class ChatCompletionRequest(_SamplingFields):
     stream_options: StreamOptions | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    response_format: ResponseFormat | None = None
     user: Text | None = None
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:

@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse
 
 from rocmforge.engine.request_status import RequestStatus
 from rocmforge.engine.request_stream import RequestStream
-from rocmforge.errors import ServerDrainingError
+from rocmforge.errors import InvalidGrammarError, ServerDrainingError
 from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.server.protocol import structured_param
 from rocmforge.server.state import ServerState
 
 DISCONNECT_POLL_S = 0.2
@@ -30,7 +31,10 @@ DISCONNECT_POLL_S = 0.2
 async def submit(state: ServerState, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
     if state.draining:
         raise ServerDrainingError("the server is shutting down and accepts no new requests")
-    return await state.engine.submit(prompt_ids, params, request_id=request_id)
+    try:
+        return await state.engine.submit(prompt_ids, params, request_id=request_id)
+    except InvalidGrammarError as exc:  # the engine names the constraint's kind; say the API field
+        raise InvalidGrammarError(exc.message, param=structured_param(exc.param) if exc.param else None) from None
 
 
 async def results_or_disconnect(request: Request, streams: list[RequestStream]) -> list[Completion] | None:
