@@ -16,7 +16,8 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from live_server import MODEL_NAME, assert_error_shape, wait_until_idle
+from live_server import MODEL_NAME, assert_error_shape, metric_values, wait_until_idle
+from prometheus_client.parser import text_string_to_metric_families
 
 MESSAGES = [{"role": "user", "content": "Describe a person."}]
 PERSON = {
@@ -155,3 +156,26 @@ def test_the_server_serves_on_after_bad_constraints(client: httpx.Client, oai: o
     assert _is_person(json.loads(response.choices[0].message.content or ""))
     values = wait_until_idle(client)
     assert values["rocmforge_kv_cache_usage_ratio"] == 0
+
+
+def test_structured_requests_and_compiles_are_counted(client: httpx.Client) -> None:
+    def sample(name: str, labels: dict[str, str]) -> float:
+        for family in text_string_to_metric_families(client.get("/metrics").text):
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return s.value
+        raise AssertionError(f"{name} {labels} not exported")
+
+    before = metric_values(client)
+    regex_before = sample("rocmforge_structured_requests_total", {"kind": "regex"})
+    unique = r"[0-9]{3}-unique-metrics-test"
+    for _ in range(2):  # one compile, two requests
+        response = client.post("/generate", json={"prompt": "x", "max_tokens": 30, "regex": unique})
+        assert response.status_code == 200, response.text
+    bad = client.post("/generate", json={"prompt": "x", "regex": "(metrics-test"})
+    assert bad.status_code == 400
+    after = metric_values(client)
+    assert sample("rocmforge_structured_requests_total", {"kind": "regex"}) == regex_before + 2
+    assert after["rocmforge_grammar_compiles_total"] == before["rocmforge_grammar_compiles_total"] + 2
+    assert after["rocmforge_grammar_compile_errors_total"] == before["rocmforge_grammar_compile_errors_total"] + 1
+    assert after["rocmforge_grammar_compile_seconds_total"] > before["rocmforge_grammar_compile_seconds_total"]

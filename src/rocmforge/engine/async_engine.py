@@ -46,6 +46,7 @@ from rocmforge.errors import InvalidRequestError
 if TYPE_CHECKING:
     from rocmforge.engine.model_runner import ModelRunner
     from rocmforge.llm import LLM
+    from rocmforge.structured.compiler import GrammarStats
     from rocmforge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,10 @@ class AsyncEngine:
 
     def stats(self) -> SchedulerStats:
         return self._board.stats
+
+    def grammar_stats(self) -> GrammarStats:
+        """The structured-output compiler's counts (thread-safe)."""
+        return self._engine.grammars.stats()
 
     @property
     def num_running(self) -> int:

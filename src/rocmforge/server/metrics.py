@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from starlette.routing import Match
 
@@ -39,6 +39,8 @@ LATENCY_BUCKETS = (
 """Seconds, 1 ms (a GPU decode step) to a minute (a long CPU prefill)."""
 REQUEST_LATENCY_BUCKETS = (*LATENCY_BUCKETS, 120.0, 300.0, 600.0)
 """Seconds, for whole requests and their decode phase: long generations run for minutes."""
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+"""Label values of ``rocmforge_structured_requests_total`` (each exported from the start)."""
 UNMATCHED_ROUTE = "unmatched"
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 """Other methods are counted as ``other`` (clients choose them: the label must stay bounded)."""
@@ -164,7 +166,7 @@ class EngineCollector(Collector):
             "device": state.engine.device,
         }
 
-    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | InfoMetricFamily | CounterMetricFamily]:
         engine = self.state.engine
         stats = engine.stats()
         yield InfoMetricFamily("rocmforge_build", "rocmforge version, model and device", value=self.build)
@@ -176,6 +178,18 @@ class EngineCollector(Collector):
                                 value=stats.kv_cache_usage)
         yield GaugeMetricFamily("rocmforge_engine_alive", "1 while the engine serves requests",
                                 value=1.0 if engine.is_alive else 0.0)
+        grammars = engine.grammar_stats()
+        requests = CounterMetricFamily("rocmforge_structured_requests", "Requests with a structured-output "
+                                       "constraint, by kind", labels=["kind"])
+        for kind in STRUCTURED_KINDS:
+            requests.add_metric([kind], grammars.requests[kind])
+        yield requests
+        yield CounterMetricFamily("rocmforge_grammar_compiles", "Structured-output constraints compiled "
+                                  "(cache misses)", value=grammars.compiles)
+        yield CounterMetricFamily("rocmforge_grammar_compile_errors", "Constraints that did not compile",
+                                  value=grammars.compile_errors)
+        yield CounterMetricFamily("rocmforge_grammar_compile_seconds", "Time spent compiling constraints",
+                                  value=grammars.compile_seconds)
 
 
 def make_registry(state: ServerState) -> CollectorRegistry:

@@ -31,7 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
@@ -56,6 +58,20 @@ _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
+@dataclass(slots=True)
+class GrammarStats:
+    """What the compiler did since it was made (the server exports it as metrics)."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    """Matchers handed out (constrained requests), by constraint kind."""
+    compiles: int = 0
+    """Constraints compiled (cache misses), successfully or not."""
+    compile_errors: int = 0
+    """Compiles that failed (the request was answered ``invalid_grammar``)."""
+    compile_seconds: float = 0.0
+    """Time spent compiling, all compiles together."""
+
+
 class GrammarCompiler:
     """StructuredOutput -> GrammarMatcher for one tokenizer (module docstring)."""
 
@@ -66,6 +82,7 @@ class GrammarCompiler:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[StructuredOutput, llguidance.LLMatcher | InvalidGrammarError] = OrderedDict()
         self._compiling: dict[StructuredOutput, threading.Lock] = {}
+        self._stats = GrammarStats()
         self._limits = llguidance.LLParserLimits(verbose_errors=False)
 
     @property
@@ -73,12 +90,20 @@ class GrammarCompiler:
         """32-bit words of one token bitmask row (``ceil(vocab / 32)``)."""
         return (self._tokenizer.vocab_size + 31) // 32
 
+    def stats(self) -> GrammarStats:
+        """A copy of the counts so far."""
+        with self._lock:
+            stats = self._stats
+            return GrammarStats(Counter(stats.requests), stats.compiles, stats.compile_errors, stats.compile_seconds)
+
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         """A fresh matcher for one request, at the start of the output; raises
         :class:`InvalidGrammarError` when ``spec`` does not compile."""
         compiled = self._compiled(spec)
         if isinstance(compiled, InvalidGrammarError):
             raise InvalidGrammarError(compiled.message, param=compiled.param)
+        with self._lock:
+            self._stats.requests[spec.kind] += 1
         return GrammarMatcher(compiled.deep_copy(), self.mask_words)
 
     def _compiled(self, spec: StructuredOutput) -> llguidance.LLMatcher | InvalidGrammarError:
@@ -94,8 +119,12 @@ class GrammarCompiler:
                     self._cache.move_to_end(spec)
                     self._compiling.pop(spec, None)
                     return cached
+            start = time.perf_counter()
             compiled = self._compile(spec)
             with self._lock:
+                self._stats.compiles += 1
+                self._stats.compile_errors += isinstance(compiled, InvalidGrammarError)
+                self._stats.compile_seconds += time.perf_counter() - start
                 self._cache[spec] = compiled
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
