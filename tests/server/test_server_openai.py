@@ -258,3 +258,21 @@ def test_bad_request_surfaces_as_openai_error(oai: openai.OpenAI) -> None:
         oai.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=-1)
     assert info.value.body["param"] == "temperature"
     assert info.value.body["code"] == "invalid_request"
+
+
+def test_tool_call_history_is_accepted_and_bad_tool_messages_name_the_field(client: httpx.Client) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+    ]
+    response = client.post("/v1/chat/completions", json={"messages": history, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    bad = [*history[:1], {**history[1], "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}]
+    response = client.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 2})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages.1.tool_calls.0.function.arguments", error
+    assert "JSON text" in error["message"]

@@ -82,7 +82,9 @@ async def encode_chat(state: ServerState, messages: Sequence[ChatMessage]) -> li
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
     for message in messages:
         check_text_length(state, message.text(), "messages")
-    plain = [{"role": m.role, "content": m.text()} for m in messages]
+        for call in message.tool_calls or ():
+            check_text_length(state, call.function.arguments, "messages")
+    plain = [m.template_message() for m in messages]
     prompt = await off_loop(
         state, tokenizer.encode_chat, plain, add_generation_prompt=True,
         special_tokens_in_content=state.config.special_tokens_in_content,

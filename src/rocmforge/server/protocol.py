@@ -13,6 +13,7 @@ one set of rules. Token ids are checked against the vocabulary by the engine
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,6 +24,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -216,15 +218,85 @@ class TextPart(_Strict):
     text: Text
 
 
+class FunctionCall(_Strict):
+    name: Annotated[Text, Field(min_length=1, max_length=256)]
+    arguments: Text
+    """The arguments as JSON text (OpenAI's wire format); must parse."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_arguments(cls, arguments: str) -> str:
+        try:
+            json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise ValueError("function arguments must be JSON text") from None
+        return arguments
+
+
+class ToolCall(_Strict):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: Annotated[Text, Field(max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
+    """One message of the conversation. An assistant turn that only called tools has
+    ``tool_calls`` and no ``content``; a ``tool`` message answers one of them
+    (``tool_call_id``)."""
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Text | list[TextPart]
+    # validated in this order: each check below reads the fields before it
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1, max_length=128)] | None = None
+    tool_call_id: Annotated[Text, Field(max_length=256)] | None = None
+    content: Annotated[Text | list[TextPart] | None, Field(validate_default=True)] = None
     name: Text | None = None
 
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_of_the_assistant(cls, calls: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if calls is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message carries tool calls")
+        return calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answer_of_a_tool(cls, call_id: str | None, info: ValidationInfo) -> str | None:
+        if call_id is not None and info.data.get("role") != "tool":
+            raise ValueError("only a tool message answers a tool call")
+        return call_id
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, content: Any, info: ValidationInfo) -> Any:
+        if content is None and not info.data.get("tool_calls"):
+            raise ValueError("required (only an assistant message with tool_calls may leave it out)")
+        return content
+
     def text(self) -> str:
+        """The content as one string (empty for a tool-calls-only turn)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it (HF's convention): tool-call arguments as
+        objects (templates write them with ``tojson``), absent fields left out."""
+        message: dict[str, Any] = {"role": self.role, "content": None if self.content is None else self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = [
+                {"id": call.id, "type": call.type,
+                 "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):
