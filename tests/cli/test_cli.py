@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -108,3 +109,25 @@ def test_pull_extracts_and_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(hub.PullError, match="checksum"):
         hub.pull("fake", tmp_path / "other")
     assert not list((tmp_path / "other").glob("*"))  # nothing half-written left behind
+
+
+def test_generate_locally_under_a_constraint(tiny_gguf: Path, tmp_path: Path) -> None:
+    base = ("generate", "--gguf", str(tiny_gguf), "-p", "Hello", "-n", "40", "-t", "0", "--device", "cpu",
+            "--dtype", "float32")
+    digits = run_cli(*base, "--regex", "[0-9]{2,6}")
+    assert digits.returncode == 0, digits.stderr
+    assert re.fullmatch(r"[0-9]{2,6}", digits.stdout.rstrip("\n")), digits.stdout
+    grammar = tmp_path / "yes_no.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    picked = run_cli(*base, "--grammar-file", str(grammar), "--no-stream")
+    assert picked.returncode == 0, picked.stderr
+    assert picked.stdout.rstrip("\n") in ("yes", "no")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}))
+    shaped = run_cli(*base, "--json-schema-file", str(schema))
+    assert shaped.returncode == 0, shaped.stderr
+    assert json.loads(shaped.stdout) in ({"n": 1}, {"n": 2})
+    both = run_cli(*base, "--regex", "a", "--json-schema", "{}")
+    assert both.returncode == 2 and "give one constraint" in both.stderr
+    bad = run_cli(*base, "--json-schema", "{not json")
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr

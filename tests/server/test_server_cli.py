@@ -4,6 +4,7 @@ the exit code when no server answers."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -109,3 +110,15 @@ def test_unreachable_server_exits_3_with_one_line() -> None:
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("error:") and "127.0.0.1:1" in lines[0]
         assert result.stdout == ""
+
+
+def test_generate_through_the_server_under_a_constraint(base_url: str) -> None:
+    for flag in ("--stream", "--no-stream"):
+        result = run_cli("--host", base_url, "generate", "-p", "Hello", "-n", "20", "-t", "0", "--regex",
+                         "[a-c]{3}", flag)
+        assert result.returncode == 0, result.stderr
+        assert re.fullmatch("[a-c]{3}", result.stdout.rstrip("\n")), result.stdout
+    chat = run_cli("--host", base_url, "generate", "-p", "Hello", "-n", "40", "-t", "0", "--chat", "--no-stream",
+                   "--json-schema", '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')
+    assert chat.returncode == 0, chat.stderr
+    assert json.loads(chat.stdout) in ({"ok": True}, {"ok": False})

@@ -27,9 +27,10 @@ from rich.table import Table
 from rocmforge import __version__
 from rocmforge.cli.config_options import with_config_options
 from rocmforge.config import ENGINE_PARTS, ServerConfig
-from rocmforge.errors import ConfigError, ModelNotFoundError, RequestNotFoundError, RocmForgeError
+from rocmforge.errors import ConfigError, InvalidGrammarError, ModelNotFoundError, RequestNotFoundError, RocmForgeError
 from rocmforge.logs import JsonFormatter, setup_logging
 from rocmforge.settings import SettingsBase, load_settings
+from rocmforge.structured import StructuredOutput
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
 
@@ -148,6 +149,13 @@ def generate(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they are generated.")] = True,
+    json_schema: Annotated[str | None, typer.Option("--json-schema", help="Constrain the output to JSON valid "
+                                                    "against this schema (JSON text).")] = None,
+    json_schema_file: Annotated[Path | None, typer.Option("--json-schema-file", help="The same, from a file.",
+                                                          dir_okay=False)] = None,
+    regex: Annotated[str | None, typer.Option("--regex", help="Constrain the output to match this regex.")] = None,
+    grammar_file: Annotated[Path | None, typer.Option("--grammar-file", help="Constrain the output to this Lark or "
+                                                      "GBNF grammar.", dir_okay=False)] = None,
     *,
     config: dict[str, Any],
 ) -> None:
@@ -155,14 +163,16 @@ def generate(
     engine options apply to local runs)."""
     from rocmforge.sampling_params import SamplingParams
 
+    structured = _structured_output(json_schema, json_schema_file, regex, grammar_file)
     if gguf is None:
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "top_k": top_k,
-                "top_p": top_p, "seed": seed}
+                "top_p": top_p, "seed": seed, **_structured_fields(structured)}
         _generate_remote(body, chat=chat, stream=stream)
         return
     settings = load_settings(gguf=gguf, **config)
     llm = _load(settings)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            structured=structured)
     if chat:
         prompt = llm.apply_chat_template([{"role": "user", "content": prompt}])
     if stream:
@@ -246,6 +256,44 @@ def _checked(response: Any) -> Any:
             raise RequestNotFoundError(message)
         raise RemoteError(f"server answered {response.status_code}: {message}")
     return payload
+
+
+def _structured_output(json_schema: str | None, json_schema_file: Path | None, regex: str | None,
+                       grammar_file: Path | None) -> StructuredOutput | None:
+    """The constraint the ``generate`` flags ask for (at most one), or None."""
+    given = {flag: value for flag, value in (("--json-schema", json_schema), ("--json-schema-file", json_schema_file),
+                                             ("--regex", regex), ("--grammar-file", grammar_file)) if value is not None}
+    if len(given) > 1:
+        raise typer.BadParameter(f"{' and '.join(given)}: give one constraint")
+    try:
+        if json_schema is not None:
+            return StructuredOutput(json=json_schema)
+        if json_schema_file is not None:
+            return StructuredOutput(json=_read_text(json_schema_file, "--json-schema-file"))
+        if regex is not None:
+            return StructuredOutput(regex=regex)
+        if grammar_file is not None:
+            return StructuredOutput(grammar=_read_text(grammar_file, "--grammar-file"))
+    except InvalidGrammarError as exc:
+        raise typer.BadParameter(exc.message, param_hint="/".join(given)) from None
+    return None
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}", param_hint=flag) from None
+
+
+def _structured_fields(structured: StructuredOutput | None) -> dict[str, Any]:
+    """The request-body fields of a constraint (the native and chat routes take the same)."""
+    if structured is None:
+        return {}
+    if structured.json is not None:
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "cli", "schema": json.loads(structured.json)}}}
+    return {structured.kind: structured.source}
 
 
 def _generate_remote(body: dict[str, Any], *, chat: bool, stream: bool) -> None:
