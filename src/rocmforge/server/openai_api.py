@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from rocmforge.errors import InvalidRequestError, ModelNotFoundError, RocmForgeError
+from rocmforge.errors import InvalidGrammarError, InvalidRequestError, ModelNotFoundError, RocmForgeError
 from rocmforge.outputs import Completion, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.errors import request_id_of
@@ -26,6 +26,7 @@ from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_t
 from rocmforge.server.protocol import ChatCompletionRequest, CompletionRequest
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import generation_error, merged, now, results_or_disconnect, sse, submit
+from rocmforge.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -222,16 +223,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     state = _state(request)
     _check_model(state, body.model)
     check_fanout(state, 1, body.n)
-    prompt = await encode_chat(state, body.messages)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    prompt = await encode_chat(state, body.messages, tools)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _choices_params(body.to_sampling_params(_max_tokens(state, len(prompt), requested)), body.n)
     request_id = request_id_of(request) or uuid.uuid4().hex
-    streams = await _submit_all(state, request_id, [prompt] * body.n, params)
+    try:
+        streams = await _submit_all(state, request_id, [prompt] * body.n, params)
+    except InvalidGrammarError as exc:
+        if body.forced_tools() is None:
+            raise
+        raise InvalidGrammarError(f"the tools' parameters do not compile: {exc.message}", param="tools") from None
     completion_id = f"chatcmpl-{request_id}"
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_events(state, streams, completion_id, include_usage),
+        return StreamingResponse(_chat_events(state, streams, completion_id, include_usage, body.calls_tools),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     results = await results_or_disconnect(request, streams)
     if results is None:
@@ -239,8 +246,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     choices = [
         {
             "index": index,
-            "message": {"role": "assistant", "content": result.text},
-            "finish_reason": _finish(result.finish_reason),
+            **_chat_message(result, body.calls_tools),
             "stop_reason": result.stop_reason,
             "logprobs": {"content": _chat_logprobs(state, result.logprobs)} if result.logprobs is not None else None,
         }
@@ -250,8 +256,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             "choices": choices, "usage": _usage(results, body.n)}
 
 
-async def _chat_events(state: ServerState, streams: list[Any], completion_id: str, include_usage: bool) -> AsyncIterator[str]:
+def _chat_message(result: Completion, calls_tools: bool) -> dict[str, Any]:
+    """A choice's ``message`` and ``finish_reason``: its tool calls, when the request offered
+    tools and the model called some (finish reason ``tool_calls``), else its text."""
+    content, calls = parse_tool_calls(result.text) if calls_tools else (result.text, [])
+    if not calls:
+        return {"message": {"role": "assistant", "content": result.text}, "finish_reason": _finish(result.finish_reason)}
+    return {"message": {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
+            "finish_reason": "tool_calls"}
+
+
+async def _chat_events(state: ServerState, streams: list[Any], completion_id: str, include_usage: bool,
+                       calls_tools: bool) -> AsyncIterator[str]:
     created, model = now(), state.model_name
+    tool_streams = [ToolCallStream() if calls_tools else None for _ in streams]
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -265,15 +283,23 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
                           "logprobs": None}])
         async for index, output in merged(streams):
             choice: dict[str, Any] = {"index": index, "delta": {}, "finish_reason": None, "logprobs": None}
-            if output.delta_text:
-                choice["delta"] = {"content": output.delta_text}
+            tool_stream = tool_streams[index]
+            text = output.delta_text if tool_stream is None else tool_stream.feed(output.delta_text)
+            calls: list[ToolCall] = []
+            if tool_stream is not None and output.finished and output.finish_reason != "error":
+                rest, calls = tool_stream.finish(output.text)
+                text += rest
+            if text:
+                choice["delta"] = {"content": text}
+            if calls:
+                choice["delta"]["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
             if output.new_logprobs:
                 choice["logprobs"] = {"content": _chat_logprobs(state, output.new_logprobs)}
             if output.finished:
                 if output.finish_reason == "error":
                     yield sse(generation_error(output.request_id, output.error))
                     return
-                choice["finish_reason"] = _finish(output.finish_reason)
+                choice["finish_reason"] = "tool_calls" if calls else _finish(output.finish_reason)
                 usage["completion_tokens"] += output.num_output_tokens
                 if index == 0:
                     usage["prompt_tokens"] = output.num_prompt_tokens

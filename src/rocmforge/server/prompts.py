@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from rocmforge.errors import ChatTemplateError, ContextLengthExceededError, InvalidRequestError
 from rocmforge.server.protocol import ChatMessage
 from rocmforge.server.state import ServerState
+from rocmforge.server.tool_calls import tools_prompt
 
 LENGTH_SLACK_BYTES = 64
 """Added to the bound: special tokens and a SentencePiece space prefix add bytes of their own."""
@@ -74,22 +75,39 @@ async def encode_texts(state: ServerState, texts: Sequence[str], *, add_special:
     return [await off_loop(state, state.tokenizer.encode, text, add_special) for text in texts]
 
 
-async def encode_chat(state: ServerState, messages: Sequence[ChatMessage]) -> list[int]:
+async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     """A conversation's ids through the model's chat template, on a worker thread. Control
-    tokens come from the template only, unless ``special_tokens_in_content`` is on."""
+    tokens come from the template only, unless ``special_tokens_in_content`` is on.
+    ``tools`` go to the template as its ``tools`` variable when it renders them; otherwise
+    they are described in the system message (:func:`~rocmforge.server.tool_calls.tools_prompt`)."""
     tokenizer = state.tokenizer
-    if tokenizer.chat_template is None:
+    template = tokenizer.chat_template
+    if template is None:
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
     for message in messages:
         check_text_length(state, message.text(), "messages")
         for call in message.tool_calls or ():
             check_text_length(state, call.function.arguments, "messages")
     plain = [m.template_message() for m in messages]
+    extra: dict[str, Any] = {}
+    if tools and "tools" in template.source:
+        extra["tools"] = tools
+    elif tools:
+        plain = _with_tools_prompt(plain, tools_prompt(tools))
     prompt = await off_loop(
         state, tokenizer.encode_chat, plain, add_generation_prompt=True,
-        special_tokens_in_content=state.config.special_tokens_in_content,
+        special_tokens_in_content=state.config.special_tokens_in_content, **extra,
     )
     return prompt.ids
+
+
+def _with_tools_prompt(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:
+    """``messages`` with ``prompt`` at the end of the system message (one is added first)."""
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content'] or ''}\n\n{prompt}"}, *messages[1:]]
+    return [{"role": "system", "content": prompt}, *messages]
 
 
 async def decode(state: ServerState, ids: Sequence[int]) -> str:

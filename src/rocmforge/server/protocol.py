@@ -31,6 +31,7 @@ from pydantic import (
 
 from rocmforge.errors import InvalidGrammarError
 from rocmforge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_TOP_K, SamplingParams
+from rocmforge.server.tool_calls import tool_call_grammar
 from rocmforge.structured import StructuredOutput
 
 
@@ -299,6 +300,28 @@ class ChatMessage(_Strict):
         return message
 
 
+class FunctionDefinition(_Strict):
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments (an object); none: any object."""
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -311,11 +334,49 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     user: Text | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default: ``auto`` with tools, ``none`` without."""
+    parallel_tool_calls: StrictBool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_of_the_tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} in tools")
+        if choice == "required" and not names:
+            raise ValueError("tool_choice: required needs tools")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the reply is parsed for tool calls (tools given, ``tool_choice`` not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The tools one of which the reply must call (``required``: any; named: that one),
+        or None when the model may answer in text."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        return tools
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **self.sampling_kwargs())
+        kwargs = self.sampling_kwargs()
+        forced = self.forced_tools()
+        if forced is not None:
+            if "structured" in kwargs:
+                raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
+                                          param="tool_choice")
+            kwargs["structured"] = StructuredOutput(grammar=tool_call_grammar(forced, parallel=self.parallel_tool_calls))
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
 
 
 class TokenizeRequest(_Strict):

@@ -162,7 +162,7 @@ def _grammar(spec: StructuredOutput) -> str:
     """The llguidance grammar text of ``spec``."""
     try:
         if spec.kind in ("json", "json_object"):
-            schema = _closed(json.loads(spec.source))
+            schema = closed_schema(json.loads(spec.source))
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
         if spec.kind == "regex":
             # JSON Schema's (JavaScript's) meaning of \d and \w, ASCII, as schema patterns have
@@ -175,8 +175,8 @@ def _grammar(spec: StructuredOutput) -> str:
                                   param=spec.kind) from None
 
 
-def _closed(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on every object schema that lists
+def closed_schema(schema: Any) -> Any:
+    """``schema`` (a parsed JSON schema) with ``additionalProperties: false`` on every object schema that lists
     properties and leaves it unsaid (module docstring); walks schema positions only, never
     ``enum`` or ``const`` values."""
     if not isinstance(schema, dict):
@@ -184,13 +184,13 @@ def _closed(schema: Any) -> Any:
     out = dict(schema)
     for key in _SUBSCHEMA:
         if isinstance(out.get(key), dict):
-            out[key] = _closed(out[key])
+            out[key] = closed_schema(out[key])
     for key in _SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [_closed(item) for item in out[key]]
+            out[key] = [closed_schema(item) for item in out[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+            out[key] = {name: closed_schema(sub) for name, sub in out[key].items()}
     if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
