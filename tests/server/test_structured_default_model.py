@@ -91,3 +91,25 @@ def test_nested_object(oai: openai.OpenAI) -> None:
 def test_list_field(oai: openai.OpenAI) -> None:
     person = _parse(oai, Person, "Invent a person who likes sports.")
     assert 0 < person.age < 120 and person.hobbies
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_an_agent_turn_with_a_tool(oai: openai.OpenAI) -> None:
+    """Ask, get a forced call, send its result back, get a text answer."""
+    messages: list[dict] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
+                                        parallel_tool_calls=False, max_tokens=60, temperature=0)
+    [choice] = first.choices
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert "Paris" in call.function.arguments
+    messages.append({"role": "assistant", "content": None, "tool_calls": [call.model_dump()]})
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "clear"}'})
+    second = oai.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=40,
+                                         temperature=0)
+    assert second.choices[0].message.content

@@ -10,7 +10,13 @@ import random
 import pytest
 
 from rocmforge.errors import InvalidGrammarError
-from rocmforge.server.tool_calls import ToolCallStream, parse_tool_calls, tool_call_grammar, tools_prompt
+from rocmforge.server.tool_calls import (
+    ToolCallStream,
+    hermes_history,
+    parse_tool_calls,
+    tool_call_grammar,
+    tools_prompt,
+)
 from rocmforge.structured import StructuredOutput
 from rocmforge.structured.compiler import GrammarCompiler
 from rocmforge.tokenizer import Tokenizer
@@ -89,3 +95,23 @@ def test_a_tool_whose_parameters_cannot_be_satisfied_does_not_compile(compiler: 
 def test_tools_prompt_lists_every_tool() -> None:
     prompt = tools_prompt([WEATHER, TIME])
     assert json.dumps(WEATHER) in prompt and json.dumps(TIME) in prompt and "<tool_call>" in prompt
+
+
+def test_history_written_out_for_templates_without_tool_support() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call, call]},
+        {"role": "tool", "content": "21", "tool_call_id": "c1"},
+        {"role": "tool", "content": "22", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Warm."},
+    ]
+    assert hermes_history(messages) == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": CALL + "\n" + CALL},
+        {"role": "user", "content": "<tool_response>\n21\n</tool_response>\n<tool_response>\n22\n</tool_response>"},
+        {"role": "assistant", "content": "Warm."},
+    ]
+    # what the model writes back in that format parses into the same calls
+    _, calls = parse_tool_calls(hermes_history(messages)[1]["content"])
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})] * 2

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from rocmforge.errors import ChatTemplateError, ContextLengthExceededError, InvalidRequestError
 from rocmforge.server.protocol import ChatMessage
 from rocmforge.server.state import ServerState
-from rocmforge.server.tool_calls import tools_prompt
+from rocmforge.server.tool_calls import hermes_history, tools_prompt
 
 LENGTH_SLACK_BYTES = 64
 """Added to the bound: special tokens and a SentencePiece space prefix add bytes of their own."""
@@ -80,7 +80,9 @@ async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
     """A conversation's ids through the model's chat template, on a worker thread. Control
     tokens come from the template only, unless ``special_tokens_in_content`` is on.
     ``tools`` go to the template as its ``tools`` variable when it renders them; otherwise
-    they are described in the system message (:func:`~rocmforge.server.tool_calls.tools_prompt`)."""
+    they are described in the system message (:func:`~rocmforge.server.tool_calls.tools_prompt`),
+    and a template that knows no ``tool_calls`` gets the tool-call history written out in the
+    same format (:func:`~rocmforge.server.tool_calls.hermes_history`)."""
     tokenizer = state.tokenizer
     template = tokenizer.chat_template
     if template is None:
@@ -90,6 +92,8 @@ async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
         for call in message.tool_calls or ():
             check_text_length(state, call.function.arguments, "messages")
     plain = [m.template_message() for m in messages]
+    if "tool_calls" not in template.source:
+        plain = hermes_history(plain)
     extra: dict[str, Any] = {}
     if tools and "tools" in template.source:
         extra["tools"] = tools

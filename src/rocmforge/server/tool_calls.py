@@ -116,6 +116,34 @@ def tool_call_grammar(tools: Sequence[dict[str, Any]], *, parallel: bool) -> str
             f"body: %json {json.dumps(schema, ensure_ascii=False)}\n")
 
 
+def hermes_history(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Template messages with tool-call history written as Hermes text, for templates that
+    know neither ``tool_calls`` nor tool results: an assistant turn's calls follow its
+    content as ``<tool_call>`` blocks, and a tool result becomes a user turn holding
+    ``<tool_response>`` blocks (consecutive results in one turn), as Qwen's template writes them."""
+    out: list[dict[str, Any]] = []
+    results_turn = False  # whether out[-1] is a turn of tool results made here
+    for message in messages:
+        if message["role"] == "tool":
+            block = f"<tool_response>\n{message['content']}\n</tool_response>"
+            if results_turn:
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            results_turn = True
+            continue
+        results_turn = False
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            blocks = [OPEN + "\n" + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                                               ensure_ascii=False) + "\n" + CLOSE
+                      for c in message["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join([message["content"], *blocks]
+                                                                 if message["content"] else blocks)})
+        else:
+            out.append(message)
+    return out
+
+
 def tools_prompt(tools: Sequence[dict[str, Any]]) -> str:
     """A system-prompt section offering ``tools`` in the Hermes format, for chat templates
     that do not render ``tools`` themselves."""
