@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from whole_output import accepts_whole
 
 from rocmforge.errors import InvalidGrammarError
 from rocmforge.structured import StructuredOutput
@@ -211,27 +212,19 @@ def test_grammars_in_lark_and_gbnf_both_compile(compiler: GrammarCompiler, token
         assert allowed == {t for t in range(tokenizer.vocab_size) if tokenizer.token_bytes(t) in (b"a", b"c")}
 
 
-def _generate(compiler: GrammarCompiler, tokenizer: Tokenizer, spec: StructuredOutput, text: str) -> bool:
-    """Whether the constraint takes ``text`` (in the tokenizer's encoding) as a whole output:
-    every token accepted, and then the grammar complete or a stop token allowed."""
-    matcher = compiler.matcher(spec)
-    return all(matcher.accept(t) for t in tokenizer.encode(text)) and (
-        matcher.is_finished or any(matcher.allows(t) for t in tokenizer.stop_ids))
-
-
 def test_objects_are_closed_unless_the_schema_opens_them(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
     point = {"type": "object", "properties": {"x": {"type": "integer"}}}
     nested = {"type": "array", "items": {"$ref": "#/$defs/point"}, "$defs": {"point": point}}
     extra = '{"x": 1, "y": 2}'
-    assert _generate(compiler, tokenizer, StructuredOutput(json=point), '{"x": 1}')
-    assert not _generate(compiler, tokenizer, StructuredOutput(json=point), extra)
-    assert not _generate(compiler, tokenizer, StructuredOutput(json=nested), f"[{extra}]")
-    assert _generate(compiler, tokenizer, StructuredOutput(json=nested), '[{"x": 1}]')
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(json=point), '{"x": 1}')
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(json=point), extra)
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(json=nested), f"[{extra}]")
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(json=nested), '[{"x": 1}]')
     opened = {**point, "additionalProperties": True}
-    assert _generate(compiler, tokenizer, StructuredOutput(json=opened), extra)
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(json=opened), extra)
     # enum and const values are data, not schemas: left as written
     const = {"const": {"properties": {"a": 1}}}
-    assert _generate(compiler, tokenizer, StructuredOutput(json=const), '{"properties": {"a": 1}}')
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(json=const), '{"properties": {"a": 1}}')
 
 
 def test_a_bad_constraint_is_refused_each_time_from_one_compile(compiler: GrammarCompiler) -> None:

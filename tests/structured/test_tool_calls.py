@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+from whole_output import accepts_whole
 
 from rocmforge.errors import InvalidGrammarError
 from rocmforge.server.tool_calls import (
@@ -66,24 +67,18 @@ def test_streamed_content_and_calls_equal_the_whole_parse(text: str) -> None:
             assert sent + rest == text and not streamed_calls
 
 
-def _accepts(compiler: GrammarCompiler, tokenizer: Tokenizer, grammar: str, text: str) -> bool:
-    matcher = compiler.matcher(StructuredOutput(grammar=grammar))
-    return all(matcher.accept(t) for t in tokenizer.encode(text)) and (
-        matcher.is_finished or any(matcher.allows(t) for t in tokenizer.stop_ids))
-
-
 def test_forcing_grammar(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
     both = tool_call_grammar([WEATHER, TIME], parallel=True)
     one = tool_call_grammar([WEATHER, TIME], parallel=False)
     time_call = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
-    assert _accepts(compiler, tokenizer, both, CALL)
-    assert _accepts(compiler, tokenizer, both, CALL + "\n" + time_call)
-    assert _accepts(compiler, tokenizer, one, time_call)
-    assert not _accepts(compiler, tokenizer, one, CALL + "\n" + time_call)
-    assert not _accepts(compiler, tokenizer, both, CALL.replace("get_weather", "get_wether"))
-    assert not _accepts(compiler, tokenizer, both, CALL.replace('"city"', '"town"'))
-    assert not _accepts(compiler, tokenizer, both, CALL.replace('"Paris"}', '"Paris", "extra": 1}'))
-    assert not _accepts(compiler, tokenizer, both, "Sure! " + CALL)
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), CALL)
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), CALL + "\n" + time_call)
+    assert accepts_whole(compiler, tokenizer, StructuredOutput(grammar=one), time_call)
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(grammar=one), CALL + "\n" + time_call)
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), CALL.replace("get_weather", "get_wether"))
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), CALL.replace('"city"', '"town"'))
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), CALL.replace('"Paris"}', '"Paris", "extra": 1}'))
+    assert not accepts_whole(compiler, tokenizer, StructuredOutput(grammar=both), "Sure! " + CALL)
 
 
 def test_a_tool_whose_parameters_cannot_be_satisfied_does_not_compile(compiler: GrammarCompiler) -> None:

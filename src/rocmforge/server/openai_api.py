@@ -26,7 +26,7 @@ from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_t
 from rocmforge.server.protocol import ChatCompletionRequest, CompletionRequest
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import generation_error, merged, now, results_or_disconnect, sse, submit
-from rocmforge.server.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
+from rocmforge.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
 
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -285,7 +285,7 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
             choice: dict[str, Any] = {"index": index, "delta": {}, "finish_reason": None, "logprobs": None}
             tool_stream = tool_streams[index]
             text = output.delta_text if tool_stream is None else tool_stream.feed(output.delta_text)
-            calls: list[ToolCall] = []
+            calls: list[ParsedToolCall] = []
             if tool_stream is not None and output.finished and output.finish_reason != "error":
                 rest, calls = tool_stream.finish(output.text)
                 text += rest

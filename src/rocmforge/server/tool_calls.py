@@ -28,7 +28,7 @@ _JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 
 @dataclass(frozen=True, slots=True)
-class ToolCall:
+class ParsedToolCall:
     """One parsed call: the function's name and its arguments as JSON text."""
 
     name: str
@@ -39,7 +39,7 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
     """``(content, calls)`` of a whole output. Content is the text before the first call
     (None when empty). A call whose JSON does not parse, or has no string ``name``, leaves
     the whole output as content (the model did not call a tool after all)."""
@@ -55,7 +55,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             return text, []
         arguments = body.get("arguments", {})
-        calls.append(ToolCall(body["name"], json.dumps(arguments, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
+        calls.append(ParsedToolCall(body["name"], json.dumps(arguments, ensure_ascii=False), f"call_{uuid.uuid4().hex[:24]}"))
     if not calls:
         return text, []
     content = text[:start].strip()
@@ -84,9 +84,9 @@ class ToolCallStream:
         self._held = text[len(text) - keep:] if keep else ""
         return text[: len(text) - keep]
 
-    def finish(self, full_text: str) -> tuple[str, list[ToolCall]]:
+    def finish(self, full_text: str) -> tuple[str, list[ParsedToolCall]]:
         """At the end: ``(content not yet sent, calls)``; parsed from the whole output."""
-        content, calls = parse_tool_calls(full_text)
+        _, calls = parse_tool_calls(full_text)
         if not calls:
             return self._held + self._tail, []
         return self._held if not self._calling else "", calls
