@@ -23,11 +23,12 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from worker_process import run_json_worker
 
 MODELS = ("default", "1b-q4_0", "1b-q8_0", "1b-q4_k_m")
 
@@ -111,11 +112,7 @@ def run_worker(python: str, engine: str, path: Path, args: argparse.Namespace) -
     command = [python, __file__, "--worker", engine, "--gguf", str(path), "--threads", str(args.threads),
                "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
                "--runs", str(args.runs)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"{engine} on {path.name} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_worker(command, f"{engine} on {path.name}")
 
 
 def main() -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from worker_process import run_json_worker
 
 SCHEMA = {
     "type": "object",
@@ -130,11 +131,7 @@ def prompt_ids(path: Path) -> list[int]:
 def run_worker(python: str, engine: str, path: Path, ids: list[int], args: argparse.Namespace) -> dict | None:
     command = [python, __file__, "--worker", engine, "--gguf", str(path), "--ids", json.dumps(ids),
                "--threads", str(args.threads), "--tokens", str(args.tokens), "--runs", str(args.runs)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"{engine} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_worker(command, engine)
 
 
 def main() -> None:

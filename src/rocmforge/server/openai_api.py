@@ -223,8 +223,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     state = _state(request)
     _check_model(state, body.model)
     check_fanout(state, 1, body.n)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-    prompt = await encode_chat(state, body.messages, tools)
+    prompt = await encode_chat(state, body.messages, body.tool_dicts())
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = _choices_params(body.to_sampling_params(_max_tokens(state, len(prompt), requested)), body.n)
     request_id = request_id_of(request) or uuid.uuid4().hex

@@ -356,12 +356,16 @@ class ChatCompletionRequest(_SamplingFields):
         """Whether the reply is parsed for tool calls (tools given, ``tool_choice`` not none)."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """``tools`` as plain data (what templates and the tool-call grammar read), or None."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
     def forced_tools(self) -> list[dict[str, Any]] | None:
         """The tools one of which the reply must call (``required``: any; named: that one),
         or None when the model may answer in text."""
-        if not self.tools or self.tool_choice in (None, "none", "auto"):
+        tools = self.tool_dicts()
+        if tools is None or self.tool_choice in (None, "none", "auto"):
             return None
-        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
         if isinstance(self.tool_choice, NamedToolChoice):
             return [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
         return tools
