@@ -120,8 +120,11 @@ def _concrete(path: str, request_id: str) -> str:
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"},
-                                     {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"}],
-                         ids=["missing", "wrong", "basic-scheme", "no-scheme", "longer"])
+                                     {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"},
+                                     {"x-api-key": "wrong-key"},
+                                     {"x-api-key": "wrong-key", "Authorization": f"Bearer {API_KEY}"}],
+                         ids=["missing", "wrong", "basic-scheme", "no-scheme", "longer", "wrong-x-api-key",
+                              "x-api-key-wins"])
 def test_every_protected_route_needs_the_key(auth_server: Server, protected_routes: list[tuple[str, str]],
                                              headers: dict[str, str]) -> None:
     with httpx.Client(base_url=auth_server.url, timeout=HTTP_TIMEOUT, headers=headers) as client:
@@ -148,6 +151,12 @@ def test_health_is_open_and_the_right_key_works_everywhere(auth_server: Server,
                 assert response.status_code != 401, (method, path, response.text)
             else:
                 assert response.status_code == 200, (method, path, response.text)
+
+
+def test_the_key_as_x_api_key(auth_server: Server) -> None:
+    """Anthropic's clients send the key as ``x-api-key``."""
+    response = httpx.get(f"{auth_server.url}/v1/models", headers={"x-api-key": API_KEY}, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
 
 
 def test_openai_client_with_and_without_the_key(auth_server: Server) -> None:

@@ -1,7 +1,8 @@
-"""One JSON error shape for every route, and the handlers that produce it.
+"""The exception handlers that turn every failure into an error answer.
 
-``{"error": {"type", "code", "message", "param", "request_id"}}`` with the HTTP status of the
-error: :class:`~rocmforge.errors.RocmForgeError` carries its own; request validation
+The body has the shape of the route's API family (:mod:`rocmforge.server.error_shapes`; by
+default ``{"error": {"type", "code", "message", "param", "request_id"}}``) and the HTTP
+status of the error: :class:`~rocmforge.errors.RocmForgeError` carries its own; request validation
 failures are 400 ``invalid_request`` naming the offending field; a full queue is 429 with
 ``Retry-After``; anything unexpected is a 500 ``internal_error`` (logged with its traceback,
 never shown to the client).
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rocmforge.errors import OverloadedError, RocmForgeError
+from rocmforge.server.error_shapes import ErrorInfo, error_body
 from rocmforge.server.streams import SafeJSONResponse
 
 logger = logging.getLogger(__name__)
@@ -30,25 +32,25 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_response(
+    request: Request,
     status: int,
     code: str,
     message: str,
     *,
     type_: str = "user",
     param: str | None = None,
-    request_id: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"type": type_, "code": code, "message": message, "param": param, "request_id": request_id}}
-    return SafeJSONResponse(body, status_code=status, headers=headers)
+    info = ErrorInfo(status, code, message, type_, param, request_id_of(request))
+    return SafeJSONResponse(error_body(request.url.path, info), status_code=status, headers=headers)
 
 
-def rocmforge_error_response(exc: RocmForgeError, request_id: str | None) -> JSONResponse:
+def rocmforge_error_response(request: Request, exc: RocmForgeError) -> JSONResponse:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, OverloadedError) else None
     body = exc.to_dict()
     return error_response(
-        exc.http_status, body["code"], body["message"], type_=body["type"], param=body["param"],
-        request_id=request_id, headers=headers,
+        request, exc.http_status, body["code"], body["message"], type_=body["type"], param=body["param"],
+        headers=headers,
     )
 
 
@@ -59,31 +61,29 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.warning("request refused: %s", exc)
         elif exc.http_status >= 500:
             logger.error("request failed: %s", exc, exc_info=exc)
-        return rocmforge_error_response(exc, request_id_of(request))
+        return rocmforge_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors: list[dict[str, Any]] = list(exc.errors())
         first: dict[str, Any] = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return error_response(400, "invalid_json", "the request body is not valid JSON",
-                                  request_id=request_id_of(request))
+            return error_response(request, 400, "invalid_json", "the request body is not valid JSON")
         chosen, message = _explain(errors)
         param = ".".join(_field_path(chosen)) or None
-        return error_response(400, "invalid_request", f"{param}: {message}" if param else message,
-                              param=param, request_id=request_id_of(request))
+        return error_response(request, 400, "invalid_request", f"{param}: {message}" if param else message,
+                              param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
-                              request_id=request_id_of(request), headers=getattr(exc, "headers", None))
+        return error_response(request, exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "internal server error", type_="internal",
-                              request_id=request_id_of(request))
+        return error_response(request, 500, "internal_error", "internal server error", type_="internal")
 
 
 def _is_union_tag(part: object) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from rocmforge.logs import bind_request
+from rocmforge.server.error_shapes import ErrorInfo, error_body
 
 if TYPE_CHECKING:
     from rocmforge.server.tracing import RequestTracer
@@ -29,10 +30,9 @@ MAX_CLIENT_ID_LENGTH = 128
 OPEN_PATHS = frozenset({"/health"})
 
 
-def _error(status: int, code: str, message: str, request_id: str, headers: list[tuple[bytes, bytes]] | None = None):
-    body = json.dumps(
-        {"error": {"type": "user", "code": code, "message": message, "param": None, "request_id": request_id}}
-    ).encode()
+def _error(scope: Scope, status: int, code: str, message: str, request_id: str,
+           headers: list[tuple[bytes, bytes]] | None = None) -> Callable[[Send], Awaitable[None]]:
+    body = json.dumps(error_body(scope["path"], ErrorInfo(status, code, message, request_id=request_id))).encode()
 
     async def respond(send: Send) -> None:
         await send({
@@ -78,12 +78,13 @@ class RequestContextMiddleware:
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], request_id: str
     ) -> None:
         if self.api_key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-            await _error(401, "invalid_api_key", "missing or invalid API key", request_id,
+            await _error(scope, 401, "invalid_api_key", "missing or invalid API key", request_id,
                          [(b"www-authenticate", b"Bearer")])(send)
             return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            await _error(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes", request_id)(send)
+            await _error(scope, 413, "payload_too_large", f"request body over {self.max_body_bytes} bytes",
+                         request_id)(send)
             return
 
         received = 0
@@ -107,7 +108,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 if too_large:  # whatever the app made of the cut-off body, the answer is 413
                     replaced = True
-                    await _error(413, "payload_too_large", f"request body over {self.max_body_bytes} bytes",
+                    await _error(scope, 413, "payload_too_large", f"request body over {self.max_body_bytes} bytes",
                                  request_id)(send)
                     return
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER, request_id.encode())]
@@ -116,9 +117,12 @@ class RequestContextMiddleware:
         await self.app(scope, limited_receive, tagged_send)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        value = headers.get(b"authorization", b"")
-        scheme, _, token = value.partition(b" ")
+        """``Authorization: Bearer <key>`` (OpenAI's and Ollama's clients), or ``x-api-key:
+        <key>`` (Anthropic's)."""
         expected = self.api_key or b""
+        if b"x-api-key" in headers:
+            return secrets.compare_digest(headers[b"x-api-key"].strip(), expected)
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         # Constant-time comparison; the scheme check leaks nothing about the key.
         return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), expected)
 
