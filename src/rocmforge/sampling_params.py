@@ -57,6 +57,9 @@ class SamplingParams:
     """Also return, for every prompt token after the first, its log-probability given the
     tokens before it and this many top alternatives (disables prefix-cache hits)."""
     skip_special_tokens: bool = True
+    keep_special_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    """Control tokens whose text stays in the output although ``skip_special_tokens`` skips
+    the others (a tool-call format's markers, such as Mistral's ``[TOOL_CALLS]``)."""
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     """``(token id, bias)`` pairs added to the logits before any sampling step (OpenAI's
     ``logit_bias``: -100 all but bans a token, +100 all but forces it); a ``{id: bias}`` dict
@@ -72,6 +75,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _as_bias(self.logit_bias))
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids"))
+        object.__setattr__(self, "keep_special_token_ids",
+                           _as_tuple(self.keep_special_token_ids, int, "keep_special_token_ids"))
         if self.structured is not None and not isinstance(self.structured, StructuredOutput):
             raise InvalidRequestError("structured must be a StructuredOutput", param="structured")
         _check_int(self.max_tokens, "max_tokens", low=1)

@@ -98,8 +98,8 @@ def error_class_codes() -> set[str]:
 
 
 def server_codes() -> set[str]:
-    """Codes the server package writes itself: ``"code": "..."`` dict entries, the second
-    argument of ``error_response`` / ``_error`` calls, and the status -> code table."""
+    """Codes the server package writes itself: ``"code": "..."`` dict entries, the argument
+    after the status of ``error_response`` / ``_error`` calls, and the status -> code table."""
     codes: set[str] = set()
     for path in sorted((SRC / "server").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -110,11 +110,14 @@ def server_codes() -> set[str]:
                         codes.add(_const(value))
                 if node.keys and all(isinstance(_const(k), int) for k in node.keys):
                     codes.update(v for v in map(_const, node.values) if isinstance(v, str))
+            elif isinstance(node, ast.Call) and _name(node.func) in {"error_response", "_error"}:
+                values = [_const(arg) for arg in node.args]
+                statuses = [i for i, v in enumerate(values) if isinstance(v, int)]
+                if statuses and statuses[0] + 1 < len(values) and isinstance(values[statuses[0] + 1], str):
+                    codes.add(str(values[statuses[0] + 1]))
             elif isinstance(node, ast.Call) and len(node.args) > 1 and isinstance(_const(node.args[1]), str):
-                function, code = _name(node.func), str(_const(node.args[1]))
-                if function in {"error_response", "_error"}:
-                    codes.add(code)
-                elif function == "get" and re.fullmatch(r"[a-z_]+_error", code):
+                code = str(_const(node.args[1]))
+                if _name(node.func) == "get" and re.fullmatch(r"[a-z_]+_error", code):
                     codes.add(code)  # the fallback of codes.get(status, "http_error")
     return codes
 

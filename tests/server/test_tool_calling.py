@@ -65,11 +65,32 @@ def test_streamed_tool_calls_equal_the_whole_answer(oai: openai.OpenAI) -> None:
               "max_tokens": 100, "temperature": 0.8, "seed": 4}
     whole = oai.chat.completions.create(**kwargs).choices[0]
     chunks = [c for c in oai.chat.completions.create(**kwargs, stream=True) if c.choices]
-    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
-    streamed = [(d.function.name, d.function.arguments) for delta in deltas for d in delta]
-    assert streamed == [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    streamed: dict[int, dict] = {}
+    for delta in deltas:  # what an OpenAI client does with them
+        call = streamed.setdefault(delta.index, {"id": delta.id, "name": "", "arguments": ""})
+        assert delta.id in (None, call["id"])
+        call["name"] += delta.function.name or ""
+        call["arguments"] += delta.function.arguments or ""
+    assert [(c["name"], c["arguments"]) for _, c in sorted(streamed.items())] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert all(c["id"] for c in streamed.values())
+    assert len(deltas) > len(streamed)  # the arguments came in pieces, as the model wrote them
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == (whole.message.content or "")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_openai_clients_stream_helper_assembles_the_calls(oai: openai.OpenAI) -> None:
+    kwargs = {"model": MODEL_NAME, "messages": MESSAGES, "tools": [WEATHER, CLOCK], "tool_choice": "required",
+              "max_tokens": 100, "temperature": 0.8, "seed": 5}
+    whole = oai.chat.completions.create(**kwargs).choices[0].message
+    with oai.chat.completions.stream(**kwargs) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.tool_calls]
 
 
 def test_without_a_call_the_answer_stays_text(oai: openai.OpenAI) -> None:

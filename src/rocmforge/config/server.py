@@ -10,9 +10,24 @@ values raise :class:`~rocmforge.errors.ConfigError` naming the field on construc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from rocmforge.config.fields import Rule, apply_rules, boolean, integer, non_empty_string, number, optional, strings
+from rocmforge.config.fields import (
+    Rule,
+    apply_rules,
+    boolean,
+    choice,
+    integer,
+    non_empty_string,
+    number,
+    optional,
+    strings,
+)
+
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")
+ToolCallParser = Literal["auto", "hermes", "llama3_json", "mistral"]
+REASONING_PARSERS = ("auto", "think", "none")
+ReasoningParser = Literal["auto", "think", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +49,12 @@ class ServerConfig:
     special_tokens_in_content: bool = False
     """Parse control-token text written in chat message content as control tokens (off: it is
     tokenized as plain text, so a user cannot forge a turn of another role)."""
+    tool_call_parser: ToolCallParser = "auto"
+    """Format of the model's tool calls: hermes, llama3_json or mistral (auto: the one the
+    chat template writes; hermes for templates without tool support)."""
+    reasoning_parser: ReasoningParser = "auto"
+    """Reasoning blocks to split out as reasoning_content: think (<think>...</think>), or none
+    (auto: think when the chat template writes think tags)."""
     shutdown_timeout: float = 30.0
     """Seconds in-flight requests get to finish after SIGTERM/SIGINT before they are cancelled."""
     warmup: bool = True
@@ -42,7 +63,8 @@ class ServerConfig:
     RULES: ClassVar[dict[str, Rule]] = {
         "model_name": optional(non_empty_string), "api_key": optional(non_empty_string), "cors_origins": strings,
         "max_body_bytes": integer(1), "default_max_tokens": integer(1), "max_choices_per_request": integer(1),
-        "special_tokens_in_content": boolean, "shutdown_timeout": number(0.0), "warmup": boolean,
+        "special_tokens_in_content": boolean, "tool_call_parser": choice(*TOOL_CALL_PARSERS),
+        "reasoning_parser": choice(*REASONING_PARSERS), "shutdown_timeout": number(0.0), "warmup": boolean,
     }
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ class IncrementalDetokenizer:
         self._hold = max((len(s) for s in params.stop), default=1) - 1
         self._min_tokens = params.min_tokens
         self._skip_special = params.skip_special_tokens
+        self._kept = frozenset(params.keep_special_token_ids)
         self._num_tokens = 0
         self._emitted = 0
         self._stopped = False
@@ -39,7 +40,7 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> DetokenizerUpdate:
         self._num_tokens += 1
-        if self._skip_special and self._tokenizer.is_special(token_id):
+        if self._skip_special and token_id not in self._kept and self._tokenizer.is_special(token_id):
             piece = b""
         else:
             piece = self._tokenizer.token_bytes(token_id)

@@ -81,6 +81,7 @@ class LLMEngine:
             raise InvalidRequestError("params must be a SamplingParams", param="params")
         ids = check_token_ids(prompt_token_ids, self.vocab_size, "prompt")
         check_token_ids(params.stop_token_ids, self.vocab_size, "stop_token_ids", allow_empty=True)
+        check_token_ids(params.keep_special_token_ids, self.vocab_size, "keep_special_token_ids", allow_empty=True)
         check_token_ids([token for token, _ in params.logit_bias], self.vocab_size, "logit_bias", allow_empty=True)
         self.scheduler.check_length(len(ids), params.max_tokens)
         return ids

@@ -3,9 +3,9 @@
 Owned here: building ``csrc/`` (on first use, or ahead of time by ``python -m
 rocmforge.native``, which ``make setup`` runs) into ``~/.cache/rocmforge/native/<key>`` — the
 key hashes the sources and their location, the torch build and the Python version, so an
-upgrade rebuilds — and
-loading it as ``torch.ops.rocmforge_cpu``. :func:`ops` returns those operators, or None with
-one warning that says why (no compiler, a failed build) and what runs instead.
+upgrade rebuilds — and loading it as ``torch.ops.rocmforge_cpu``. :func:`ops` returns those
+operators, or None with one warning that says why (no compiler, a failed build) and what
+runs instead.
 
 The operators (``csrc/ops.cpp``): ``matmul`` (decode-shaped: integer dot products on the
 blocks against 8-bit activation blocks), ``matmul_dequant`` (prompt-shaped: dequantized tiles

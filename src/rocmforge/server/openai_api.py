@@ -21,12 +21,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from rocmforge.errors import InvalidGrammarError, InvalidRequestError, ModelNotFoundError, RocmForgeError
 from rocmforge.outputs import Completion, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, tool_sampling
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_texts
 from rocmforge.server.protocol import ChatCompletionRequest, CompletionRequest
 from rocmforge.server.state import ServerState
 from rocmforge.server.streams import generation_error, merged, now, results_or_disconnect, sse, submit
-from rocmforge.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
 
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -223,9 +223,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     state = _state(request)
     _check_model(state, body.model)
     check_fanout(state, 1, body.n)
-    prompt = await encode_chat(state, body.messages, body.tool_dicts())
+    prompt = await encode_chat(state, body.messages, body.tool_dicts(), body.chat_template_kwargs)
+    output = chat_output(state, prompt, body.calls_tools)
+    grammar, kept = tool_sampling(state, body.forced_tools(), parallel=body.parallel_tool_calls,
+                                  calls_tools=body.calls_tools)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = _choices_params(body.to_sampling_params(_max_tokens(state, len(prompt), requested)), body.n)
+    sampling = body.to_sampling_params(_max_tokens(state, len(prompt), requested), tool_grammar=grammar,
+                                       keep_special_token_ids=kept)
+    params = _choices_params(sampling, body.n)
     request_id = request_id_of(request) or uuid.uuid4().hex
     try:
         streams = await _submit_all(state, request_id, [prompt] * body.n, params)
@@ -237,7 +242,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_events(state, streams, completion_id, include_usage, body.calls_tools),
+        return StreamingResponse(_chat_events(state, streams, completion_id, include_usage, output),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     results = await results_or_disconnect(request, streams)
     if results is None:
@@ -245,7 +250,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     choices = [
         {
             "index": index,
-            **_chat_message(result, body.calls_tools),
+            **_chat_message(result, output.parse(result.text)),
             "stop_reason": result.stop_reason,
             "logprobs": {"content": _chat_logprobs(state, result.logprobs)} if result.logprobs is not None else None,
         }
@@ -255,20 +260,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             "choices": choices, "usage": _usage(results, body.n)}
 
 
-def _chat_message(result: Completion, calls_tools: bool) -> dict[str, Any]:
-    """A choice's ``message`` and ``finish_reason``: its tool calls, when the request offered
-    tools and the model called some (finish reason ``tool_calls``), else its text."""
-    content, calls = parse_tool_calls(result.text) if calls_tools else (result.text, [])
-    if not calls:
-        return {"message": {"role": "assistant", "content": result.text}, "finish_reason": _finish(result.finish_reason)}
-    return {"message": {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]},
-            "finish_reason": "tool_calls"}
+def _chat_message(result: Completion, reply: ParsedReply) -> dict[str, Any]:
+    """A choice's ``message`` and ``finish_reason``: its reasoning (``reasoning_content``,
+    when the server splits it out), its text, and its tool calls when the request offered
+    tools and the model called some (finish reason ``tool_calls``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": reply.content}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    if not reply.calls:
+        return {"message": message, "finish_reason": _finish(result.finish_reason)}
+    message["tool_calls"] = [call.to_openai() for call in reply.calls]
+    return {"message": message, "finish_reason": "tool_calls"}
+
+
+def _delta(piece: ReplyDelta) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if piece.reasoning:
+        delta["reasoning_content"] = piece.reasoning
+    if piece.content:
+        delta["content"] = piece.content
+    if piece.tool_calls:
+        delta["tool_calls"] = piece.tool_calls
+    return delta
 
 
 async def _chat_events(state: ServerState, streams: list[Any], completion_id: str, include_usage: bool,
-                       calls_tools: bool) -> AsyncIterator[str]:
+                       output: ChatOutput) -> AsyncIterator[str]:
     created, model = now(), state.model_name
-    tool_streams = [ToolCallStream() if calls_tools else None for _ in streams]
+    choice_streams = [output.stream() for _ in streams]
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -280,30 +299,28 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
         for index in range(len(streams)):
             yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                           "logprobs": None}])
-        async for index, output in merged(streams):
+        async for index, result in merged(streams):
             choice: dict[str, Any] = {"index": index, "delta": {}, "finish_reason": None, "logprobs": None}
-            tool_stream = tool_streams[index]
-            text = output.delta_text if tool_stream is None else tool_stream.feed(output.delta_text)
-            calls: list[ParsedToolCall] = []
-            if tool_stream is not None and output.finished and output.finish_reason != "error":
-                rest, calls = tool_stream.finish(output.text)
-                text += rest
-            if text:
-                choice["delta"] = {"content": text}
-            if calls:
-                choice["delta"]["tool_calls"] = [{"index": i, **call.to_openai()} for i, call in enumerate(calls)]
-            if output.new_logprobs:
-                choice["logprobs"] = {"content": _chat_logprobs(state, output.new_logprobs)}
-            if output.finished:
-                if output.finish_reason == "error":
-                    yield sse(generation_error(output.request_id, output.error))
-                    return
-                choice["finish_reason"] = "tool_calls" if calls else _finish(output.finish_reason)
-                usage["completion_tokens"] += output.num_output_tokens
+            if result.finished and result.finish_reason == "error":
+                yield sse(generation_error(result.request_id, result.error))
+                return
+            piece = choice_streams[index].feed(result.delta_text)
+            called = False
+            if result.finished:
+                rest = choice_streams[index].finish(result.text)
+                called = bool(rest.calls)
+                piece = ReplyDelta(piece.reasoning + rest.reasoning, piece.content + rest.content,
+                                   _merge_call_deltas(piece.tool_calls + rest.tool_calls))
+            choice["delta"] = _delta(piece)
+            if result.new_logprobs:
+                choice["logprobs"] = {"content": _chat_logprobs(state, result.new_logprobs)}
+            if result.finished:
+                choice["finish_reason"] = "tool_calls" if called else _finish(result.finish_reason)
+                usage["completion_tokens"] += result.num_output_tokens
                 if index == 0:
-                    usage["prompt_tokens"] = output.num_prompt_tokens
-                    cached = output.num_cached_tokens
-            if choice["delta"] or output.finished or choice["logprobs"]:
+                    usage["prompt_tokens"] = result.num_prompt_tokens
+                    cached = result.num_cached_tokens
+            if choice["delta"] or result.finished or choice["logprobs"]:
                 yield chunk([choice])
         if include_usage:
             yield chunk([], usage={**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"],
@@ -311,6 +328,23 @@ async def _chat_events(state: ServerState, streams: list[Any], completion_id: st
         yield sse("[DONE]")
     except RocmForgeError as exc:
         yield sse({"error": {**exc.to_dict(), "request_id": completion_id}})
+
+
+def _merge_call_deltas(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Deltas of one chunk, one per call index (argument pieces joined)."""
+    merged_by_index: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        into = merged_by_index.get(delta["index"])
+        if into is None:
+            merged_by_index[delta["index"]] = {**delta, "function": dict(delta["function"])}
+            continue
+        for key, value in delta.items():
+            if key == "function":
+                for name, text in value.items():
+                    into["function"][name] = into["function"].get(name, "") + text
+            elif key != "index":
+                into[key] = value
+    return list(merged_by_index.values())
 
 
 def _chat_logprobs(state: ServerState, entries: Sequence[TokenLogprobs]) -> list[dict[str, Any]]:

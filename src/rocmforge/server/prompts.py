@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from rocmforge.errors import ChatTemplateError, ContextLengthExceededError, InvalidRequestError
 from rocmforge.server.protocol import ChatMessage
 from rocmforge.server.state import ServerState
-from rocmforge.server.tool_calls import hermes_history, tools_prompt
+from rocmforge.server.tool_calls import history
 
 LENGTH_SLACK_BYTES = 64
 """Added to the bound: special tokens and a SentencePiece space prefix add bytes of their own."""
@@ -76,13 +76,15 @@ async def encode_texts(state: ServerState, texts: Sequence[str], *, add_special:
 
 
 async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
-                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+                      tools: list[dict[str, Any]] | None = None,
+                      template_variables: dict[str, Any] | None = None) -> list[int]:
     """A conversation's ids through the model's chat template, on a worker thread. Control
     tokens come from the template only, unless ``special_tokens_in_content`` is on.
     ``tools`` go to the template as its ``tools`` variable when it renders them; otherwise
-    they are described in the system message (:func:`~rocmforge.server.tool_calls.tools_prompt`),
+    they are described in the system message (the server's tool format's ``tools_prompt``),
     and a template that knows no ``tool_calls`` gets the tool-call history written out in the
-    same format (:func:`~rocmforge.server.tool_calls.hermes_history`)."""
+    same format (:func:`~rocmforge.server.tool_calls.history`). ``template_variables`` are
+    the request's own (``chat_template_kwargs``)."""
     tokenizer = state.tokenizer
     template = tokenizer.chat_template
     if template is None:
@@ -93,12 +95,12 @@ async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
             check_text_length(state, call.function.arguments, "messages")
     plain = [m.template_message() for m in messages]
     if "tool_calls" not in template.source:
-        plain = hermes_history(plain)
-    extra: dict[str, Any] = {}
+        plain = history(plain, state.tool_format)
+    extra: dict[str, Any] = dict(template_variables or {})
     if tools and "tools" in template.source:
         extra["tools"] = tools
     elif tools:
-        plain = _with_tools_prompt(plain, tools_prompt(tools))
+        plain = _with_tools_prompt(plain, state.tool_format.tools_prompt(tools))
     prompt = await off_loop(
         state, tokenizer.encode_chat, plain, add_generation_prompt=True,
         special_tokens_in_content=state.config.special_tokens_in_content, **extra,

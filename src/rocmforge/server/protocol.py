@@ -31,7 +31,6 @@ from pydantic import (
 
 from rocmforge.errors import InvalidGrammarError
 from rocmforge.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_TOP_K, SamplingParams
-from rocmforge.server.tool_calls import tool_call_grammar
 from rocmforge.structured import StructuredOutput
 
 
@@ -322,6 +321,10 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+"""Template variables the server sets itself."""
+
+
 class ChatCompletionRequest(_SamplingFields):
     model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -338,6 +341,16 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     """Default: ``auto`` with tools, ``none`` without."""
     parallel_tool_calls: StrictBool = True
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
+    """Extra variables of the chat template (vLLM's extension), e.g. Qwen3's ``enable_thinking``."""
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, variables: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in variables or ():
+            if not name.isidentifier() or name in RESERVED_TEMPLATE_VARIABLES:
+                raise ValueError(f"{name!r} is not a template variable a request may set")
+        return variables
 
     @model_validator(mode="after")
     def _tool_choice_of_the_tools(self) -> ChatCompletionRequest:
@@ -370,17 +383,20 @@ class ChatCompletionRequest(_SamplingFields):
             return [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
         return tools
 
-    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def to_sampling_params(self, default_max_tokens: int, *, tool_grammar: str | None = None,
+                           keep_special_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+        """The request's sampling; ``tool_grammar`` (the tool-call format's grammar of the
+        :meth:`forced_tools`) binds the reply when ``tool_choice`` forces a call."""
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         kwargs = self.sampling_kwargs()
-        forced = self.forced_tools()
-        if forced is not None:
+        if tool_grammar is not None:
             if "structured" in kwargs:
                 raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
                                           param="tool_choice")
-            kwargs["structured"] = StructuredOutput(grammar=tool_call_grammar(forced, parallel=self.parallel_tool_calls))
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            kwargs["structured"] = StructuredOutput(grammar=tool_grammar)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, keep_special_token_ids=keep_special_token_ids,
+                              **kwargs)
 
 
 class TokenizeRequest(_Strict):

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from rocmforge.config import ServerConfig
 from rocmforge.engine.async_engine import AsyncEngine
+from rocmforge.server.reasoning import ReasoningFormat, reasoning_format
+from rocmforge.server.tool_calls import ToolFormat, tool_format
 from rocmforge.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -49,6 +51,17 @@ class ServerState:
         max_workers=os.cpu_count() or 2, thread_name_prefix="rocmforge-cpu"))
     """Threads for the routes' CPU work (tokenizing, chat templates, decoding): off the event
     loop, and no more at once than there are cores, so the engine thread keeps its share."""
+
+    tool_format: ToolFormat = field(init=False)
+    """How the model writes tool calls (``tool_call_parser``, read against the chat template)."""
+    reasoning_format: ReasoningFormat | None = field(init=False)
+    """How the model marks its reasoning (``reasoning_parser``); None: it does not."""
+
+    def __post_init__(self) -> None:
+        template = self.tokenizer.chat_template
+        source = template.source if template is not None else None
+        self.tool_format = tool_format(self.config.tool_call_parser, source)
+        self.reasoning_format = reasoning_format(self.config.reasoning_parser, source)
 
     @property
     def model_name(self) -> str:

@@ -54,6 +54,8 @@ class SyntheticSpec:
     "original_max_position_embeddings"}``."""
     chat_template: str = CHATML_TEMPLATE
     """``tokenizer.chat_template`` (tests write hostile ones)."""
+    extra_control_tokens: tuple[str, ...] = ()
+    """Control tokens besides ChatML's (a family's markers: ``[TOOL_CALLS]``, ``<|python_tag|>``)."""
 
     @property
     def head_dim(self) -> int:
@@ -155,11 +157,12 @@ def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
     if spec.rope_scaling and spec.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf_constants.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(spec.rope_scaling["factor"])
-    tokens, merges = _vocabulary(spec.vocab_size)
+    control = (*SPECIAL_TOKENS, *spec.extra_control_tokens)
+    tokens, merges = _vocabulary(spec.vocab_size, control)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIAL_TOKENS else 1 for t in tokens])
+    writer.add_token_types([3 if t in control else 1 for t in tokens])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokens.index("<|endoftext|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
@@ -167,14 +170,15 @@ def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
     writer.add_chat_template(spec.chat_template)
 
 
-def _vocabulary(vocab_size: int) -> tuple[list[str], list[str]]:
-    """A byte-level BPE vocabulary of exactly ``vocab_size`` tokens trained on a tiny corpus."""
+def _vocabulary(vocab_size: int, control: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary of exactly ``vocab_size`` tokens trained on a tiny corpus,
+    the ``control`` tokens first."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(control),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
