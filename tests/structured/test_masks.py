@@ -227,6 +227,22 @@ def test_objects_are_closed_unless_the_schema_opens_them(compiler: GrammarCompil
     assert accepts_whole(compiler, tokenizer, StructuredOutput(json=const), '{"properties": {"a": 1}}')
 
 
+def test_integers_without_bounds_are_json_safe_integers(compiler: GrammarCompiler, tokenizer: Tokenizer) -> None:
+    def accepts(schema: dict, text: str) -> bool:
+        return accepts_whole(compiler, tokenizer, StructuredOutput(json=schema), text)
+
+    unbounded = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert accepts(unbounded, '{"n": 9007199254740991}') and accepts(unbounded, '{"n": -9007199254740991}')
+    assert not accepts(unbounded, '{"n": 9007199254740992}')
+    assert not accepts(unbounded, '{"n": -9007199254740992}')
+    assert not accepts(unbounded, '{"n": 11111111111111111}')
+    # a bound the schema gives is kept as written, on either side
+    high = {"type": "integer", "minimum": 0}
+    assert accepts(high, "0") and not accepts(high, "-1") and not accepts(high, "9007199254740992")
+    wide = {"type": "integer", "minimum": -5, "maximum": 10**17}
+    assert accepts(wide, "-5") and accepts(wide, "100000000000000000") and not accepts(wide, "-6")
+
+
 def test_a_bad_constraint_is_refused_each_time_from_one_compile(compiler: GrammarCompiler) -> None:
     spec = StructuredOutput(json={"type": "integer", "minimum": 9, "maximum": 1})
     messages = []

@@ -15,7 +15,10 @@ Objects are closed by default: a schema object that lists ``properties`` (or
 ``patternProperties``) and says nothing of ``additionalProperties`` allows no other keys, as
 vLLM and xgrammar do and as OpenAI's strict mode requires. JSON Schema would allow any extra
 key, so a Pydantic model's schema would let the model append keys until ``max_tokens``. Say
-``"additionalProperties": true`` to allow them.
+``"additionalProperties": true`` to allow them. Integers are bounded by default the same
+way: a side the schema leaves open is bounded at ±(2**53 - 1), JSON's safe integers (16
+digits, about the cap of llama.cpp's JSON grammars), or a small model may write digits until
+``max_tokens``.
 
 One compiler serves an engine (one tokenizer). The llguidance tokenizer (the vocabulary as
 bytes, built once, ~0.1 s for 49k tokens) is made on first use. Compiled grammars are kept
@@ -51,6 +54,10 @@ MAX_ERROR_CHARS = 1000
 """Longest grammar error passed on to the client."""
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 """Compact JSON with the separators models have read most (Python's ``json.dumps``)."""
+INTEGER_LIMIT = 2**53 - 1
+"""Bound of an integer whose schema gives none: JSON's safe integers (what a double holds
+exactly, so every client reads the value back), 16 digits, about the cap of llama.cpp's JSON
+grammars. Without it a small model may write one digit after another until ``max_tokens``."""
 _FORMATS = {"choice": "choice", "grammar": "grammar"}
 _SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
@@ -176,9 +183,10 @@ def _grammar(spec: StructuredOutput) -> str:
 
 
 def closed_schema(schema: Any) -> Any:
-    """``schema`` (a parsed JSON schema) with ``additionalProperties: false`` on every object schema that lists
-    properties and leaves it unsaid (module docstring); walks schema positions only, never
-    ``enum`` or ``const`` values."""
+    """``schema`` (a parsed JSON schema) closed where it leaves sizes open (module
+    docstring): ``additionalProperties: false`` on every object schema that lists properties
+    and leaves it unsaid, and integers without bounds kept to ``±INTEGER_LIMIT``.
+    Walks schema positions only, never ``enum`` or ``const`` values."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -193,6 +201,11 @@ def closed_schema(schema: Any) -> Any:
             out[key] = {name: closed_schema(sub) for name, sub in out[key].items()}
     if ("properties" in out or "patternProperties" in out) and "additionalProperties" not in out:
         out["additionalProperties"] = False
+    if out.get("type") == "integer":
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -INTEGER_LIMIT
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = INTEGER_LIMIT
     return out
 
 
