@@ -197,3 +197,33 @@ def test_a_reply_cut_off_while_reasoning_is_all_reasoning(thinker: openai.OpenAI
     message = whole.choices[0].message
     assert whole.choices[0].finish_reason == "length"
     assert message.model_extra["reasoning_content"] and message.content == ""
+
+
+def _sample(base: str, name: str, labels: dict[str, str]) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name} {labels} not exported")
+
+
+def test_tool_calls_and_reasoning_are_counted(mistral: openai.OpenAI, thinker: openai.OpenAI) -> None:
+    base = str(mistral.base_url).rstrip("/").removesuffix("/v1")
+    calls = _sample(base, "rocmforge_tool_calls_total", {"parser": "mistral"})
+    replies = _sample(base, "rocmforge_tool_call_replies_total", {"parser": "mistral"})
+    mistral.chat.completions.create(model="mistral", messages=MESSAGES, seed=7, **FORCED)
+    for _ in mistral.chat.completions.create(model="mistral", messages=MESSAGES, seed=7, stream=True, **FORCED):
+        pass
+    mistral.chat.completions.create(model="mistral", messages=MESSAGES, max_tokens=3)  # no tools: not counted
+    assert _sample(base, "rocmforge_tool_calls_total", {"parser": "mistral"}) == calls + 2
+    assert _sample(base, "rocmforge_tool_call_replies_total", {"parser": "mistral"}) == replies + 2
+
+    base = str(thinker.base_url).rstrip("/").removesuffix("/v1")
+    before = _sample(base, "rocmforge_reasoning_replies_total", {})
+    thinker.chat.completions.create(model="thinker", messages=MESSAGES, seed=0, **REASONED)
+    for _ in thinker.chat.completions.create(model="thinker", messages=MESSAGES, seed=0, stream=True, **REASONED):
+        pass
+    assert _sample(base, "rocmforge_reasoning_replies_total", {}) == before + 2
+    assert _sample(base, "rocmforge_tool_calls_total", {"parser": "hermes"}) == 0

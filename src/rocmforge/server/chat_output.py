@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rocmforge.server.reasoning import ReasoningFormat, ReasoningStream
-from rocmforge.server.state import ServerState
+from rocmforge.server.state import ChatStats, ServerState
 from rocmforge.server.tool_calls import ParsedToolCall, ToolCallStream, ToolFormat
 
 PROMPT_TAIL_TOKENS = 16
@@ -54,8 +54,16 @@ class ChatOutput:
     """The prompt ended inside a think block: the reply begins with reasoning."""
     tools: ToolFormat | None = None
     """The tool-call format, when the request offered tools (and did not say ``none``)."""
+    stats: ChatStats | None = None
+    """Where each whole or finished reply is counted."""
 
     def parse(self, text: str) -> ParsedReply:
+        reply = self._parse(text)
+        if self.stats is not None:
+            self.stats.count(len(reply.calls), reply.reasoning is not None)
+        return reply
+
+    def _parse(self, text: str) -> ParsedReply:
         reasoning, content = (None, text) if self.reasoning is None else self.reasoning.split(text, self.starts_inside)
         if self.tools is None:
             return ParsedReply(reasoning, content)
@@ -83,6 +91,9 @@ class ChoiceStream:
 
     def finish(self, full_text: str) -> ReplyDelta:
         """The rest, once the output is complete (``full_text``: all of it)."""
+        if self._output.stats is not None:
+            reply = self._output._parse(full_text)
+            self._output.stats.count(len(reply.calls), reply.reasoning is not None)
         reasoning, content = self._reasoning.finish() if self._reasoning else ("", "")
         if self._tools is None:
             return ReplyDelta(reasoning, content)
@@ -114,4 +125,4 @@ def chat_output(state: ServerState, prompt_ids: Sequence[int], calls_tools: bool
     if reasoning is not None:
         tail = state.tokenizer.decode(list(prompt_ids[-PROMPT_TAIL_TOKENS:]))
         inside = reasoning.starts_inside(tail)
-    return ChatOutput(reasoning, inside, state.tool_format if calls_tools else None)
+    return ChatOutput(reasoning, inside, state.tool_format if calls_tools else None, state.chat_stats)

@@ -190,6 +190,18 @@ class EngineCollector(Collector):
                                   value=grammars.compile_errors)
         yield CounterMetricFamily("rocmforge_grammar_compile_seconds", "Time spent compiling constraints",
                                   value=grammars.compile_seconds)
+        chat = self.state.chat_stats
+        parser = self.state.tool_format.name
+        calls = CounterMetricFamily("rocmforge_tool_calls", "Tool calls parsed from chat replies",
+                                    labels=["parser"])
+        calls.add_metric([parser], chat.tool_calls)
+        yield calls
+        replies = CounterMetricFamily("rocmforge_tool_call_replies", "Chat replies that called tools",
+                                      labels=["parser"])
+        replies.add_metric([parser], chat.tool_call_replies)
+        yield replies
+        yield CounterMetricFamily("rocmforge_reasoning_replies", "Chat replies with a reasoning block "
+                                  "(reasoning_content)", value=chat.reasoning_replies)
 
 
 def make_registry(state: ServerState) -> CollectorRegistry:

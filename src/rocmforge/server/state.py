@@ -27,6 +27,24 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
+class ChatStats:
+    """What the chat replies held, for ``/metrics`` (counted by
+    :mod:`rocmforge.server.chat_output`, on the event loop)."""
+
+    tool_calls: int = 0
+    """Tool calls parsed from replies."""
+    tool_call_replies: int = 0
+    """Replies that called tools."""
+    reasoning_replies: int = 0
+    """Replies with a reasoning block."""
+
+    def count(self, calls: int, reasoning: bool) -> None:
+        self.tool_calls += calls
+        self.tool_call_replies += calls > 0
+        self.reasoning_replies += reasoning
+
+
+@dataclass(slots=True)
 class ServerState:
     engine: AsyncEngine
     tokenizer: Tokenizer
@@ -52,6 +70,7 @@ class ServerState:
     """Threads for the routes' CPU work (tokenizing, chat templates, decoding): off the event
     loop, and no more at once than there are cores, so the engine thread keeps its share."""
 
+    chat_stats: ChatStats = field(default_factory=ChatStats)
     tool_format: ToolFormat = field(init=False)
     """How the model writes tool calls (``tool_call_parser``, read against the chat template)."""
     reasoning_format: ReasoningFormat | None = field(init=False)
