@@ -373,14 +373,22 @@ class ChatCompletionRequest(_SamplingFields):
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        kwargs = self.sampling_kwargs()
-        forced = self.forced_tools()
-        if forced is not None:
-            if "structured" in kwargs:
-                raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
-                                          param="tool_choice")
-            kwargs["structured"] = StructuredOutput(grammar=tool_call_grammar(forced, parallel=self.parallel_tool_calls))
+        kwargs = force_tool_call(self.sampling_kwargs(), self.forced_tools(), parallel=self.parallel_tool_calls)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+
+
+def force_tool_call(kwargs: dict[str, Any], forced: list[dict[str, Any]] | None, *,
+                    parallel: bool) -> dict[str, Any]:
+    """``SamplingParams`` keyword arguments with the grammar that makes the reply call one of
+    the ``forced`` tools (OpenAI's function shape; one call, or with ``parallel`` one or
+    more); unchanged when ``forced`` is None. No other output constraint can hold alongside
+    (``InvalidGrammarError`` naming ``tool_choice``)."""
+    if forced is None:
+        return kwargs
+    if "structured" in kwargs:
+        raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
+                                  param="tool_choice")
+    return {**kwargs, "structured": StructuredOutput(grammar=tool_call_grammar(forced, parallel=parallel))}
 
 
 class TokenizeRequest(_Strict):
