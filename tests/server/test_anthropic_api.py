@@ -19,7 +19,15 @@ import httpx
 import openai
 import pytest
 from httpx_sse import connect_sse
-from live_server import HTTP_TIMEOUT, LONG_MAX_TOKENS, MODEL_NAME, Server, wait_for_status, wait_until_idle
+from live_server import (
+    HTTP_TIMEOUT,
+    LONG_MAX_TOKENS,
+    MODEL_NAME,
+    Server,
+    assert_anthropic_error,
+    wait_for_status,
+    wait_until_idle,
+)
 from spawned_server import running, spawn_server
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -60,19 +68,6 @@ def _chat_text(oai: openai.OpenAI, messages: list[dict], max_tokens: int, **extr
     response = oai.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=max_tokens,
                                            temperature=0, extra_body={"ignore_eos": True}, **extra)
     return response.choices[0].message.content or ""
-
-
-def _assert_anthropic_error(response: httpx.Response, status: int, error_type: str) -> str:
-    """Anthropic's error shape; returns the message."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"type", "error", "request_id"}, body
-    assert body["type"] == "error" and body["request_id"] == response.headers["x-request-id"]
-    assert set(body["error"]) == {"type", "message"}, body
-    assert body["error"]["type"] == error_type, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]["message"]
 
 
 # --- creating messages ---------------------------------------------------------------------------
@@ -326,7 +321,7 @@ BAD_BODIES = {
 @pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
 def test_bad_requests_are_400s_in_anthropic_shape(client: httpx.Client, body: dict) -> None:
     response = client.post("/v1/messages", json=body, headers=HEADERS)
-    _assert_anthropic_error(response, 400, "invalid_request_error")
+    assert_anthropic_error(response, 400, "invalid_request_error")
 
 
 def test_bad_input_through_the_sdk(claude: anthropic.Anthropic, client: httpx.Client) -> None:
@@ -343,11 +338,11 @@ def test_bad_input_through_the_sdk(claude: anthropic.Anthropic, client: httpx.Cl
         claude.messages.count_tokens(model="nope", messages=USER)
     invalid_json = client.post("/v1/messages", content=b"{not json", headers={**HEADERS,
                                                                               "content-type": "application/json"})
-    _assert_anthropic_error(invalid_json, 400, "invalid_request_error")
-    _assert_anthropic_error(client.post("/v1/messages/nowhere", json={}), 404, "not_found_error")
-    _assert_anthropic_error(client.get("/v1/messages"), 405, "invalid_request_error")
+    assert_anthropic_error(invalid_json, 400, "invalid_request_error")
+    assert_anthropic_error(client.post("/v1/messages/nowhere", json={}), 404, "not_found_error")
+    assert_anthropic_error(client.get("/v1/messages"), 405, "invalid_request_error")
     too_big = client.post("/v1/messages", content=b"x" * ((1 << 20) + 1), headers={"content-type": "application/json"})
-    _assert_anthropic_error(too_big, 413, "request_too_large")
+    assert_anthropic_error(too_big, 413, "request_too_large")
     # Nothing above got a 5xx or leaked: the server is idle and keeps serving.
     values = wait_until_idle(client)
     assert values["rocmforge_requests_running"] == 0 and values["rocmforge_kv_cache_usage_ratio"] == 0, values
@@ -403,7 +398,7 @@ def test_a_failed_generation_is_an_api_error(faulty_server: Server) -> None:
     body = {"model": MODEL_NAME, "max_tokens": 4, "messages": USER}
     with httpx.Client(base_url=faulty_server.url, timeout=HTTP_TIMEOUT, headers=HEADERS) as client:
         failed = client.post("/v1/messages", json=body, headers={"X-Request-Id": "boom-plain"})
-        assert "injected forward fault" in _assert_anthropic_error(failed, 500, "api_error")
+        assert "injected forward fault" in assert_anthropic_error(failed, 500, "api_error")
         with connect_sse(client, "POST", "/v1/messages", json={**body, "stream": True},
                          headers={"X-Request-Id": "boom-stream"}) as source:
             events = [(e.event, e.json()) for e in source.iter_sse()]
