@@ -98,7 +98,7 @@ def error_class_codes() -> set[str]:
 
 
 def server_codes() -> set[str]:
-    """Codes the server package writes itself: ``"code": "..."`` dict entries, the second
+    """Codes the server package writes itself: ``"code": "..."`` dict entries, the third
     argument of ``error_response`` / ``_error`` calls, and the status -> code table."""
     codes: set[str] = set()
     for path in sorted((SRC / "server").glob("*.py")):
@@ -110,12 +110,13 @@ def server_codes() -> set[str]:
                         codes.add(_const(value))
                 if node.keys and all(isinstance(_const(k), int) for k in node.keys):
                     codes.update(v for v in map(_const, node.values) if isinstance(v, str))
-            elif isinstance(node, ast.Call) and len(node.args) > 1 and isinstance(_const(node.args[1]), str):
-                function, code = _name(node.func), str(_const(node.args[1]))
-                if function in {"error_response", "_error"}:
-                    codes.add(code)
-                elif function == "get" and re.fullmatch(r"[a-z_]+_error", code):
-                    codes.add(code)  # the fallback of codes.get(status, "http_error")
+            elif isinstance(node, ast.Call) and len(node.args) > 1:
+                function = _name(node.func)
+                # error_response(request, status, code, ...) and _error(scope, status, code, ...)
+                if function in {"error_response", "_error"} and len(node.args) > 2 and isinstance(_const(node.args[2]), str):
+                    codes.add(str(_const(node.args[2])))
+                elif function == "get" and re.fullmatch(r"[a-z_]+_error", str(_const(node.args[1]))):
+                    codes.add(str(_const(node.args[1])))  # the fallback of codes.get(status, "http_error")
     return codes
 
 
