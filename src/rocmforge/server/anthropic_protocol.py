@@ -390,7 +390,7 @@ def _joined(content: str | list[TextBlock]) -> str:
 def _assistant_message(blocks: list[Any]) -> ChatMessage:
     """An assistant turn: its text, and its tool_use blocks as tool calls (thinking left out)."""
     text = _joined([b for b in blocks if isinstance(b, TextBlock)])
-    calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}
+    calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}}
              for b in blocks if isinstance(b, ToolUseBlock)]
     if not calls:
         return ChatMessage(role="assistant", content=text)
