@@ -1,11 +1,13 @@
 """Anthropic request bodies in-process: the conversation in the chat path's form (written out
-by hand here), the tools in OpenAI's function shape, and the sampling parameters."""
+by hand here), the tools in OpenAI's function shape, the sampling parameters, and the reading
+of tool calls out of the model's output."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
+from rocmforge.server.anthropic_api import _ToolUseReader
 from rocmforge.server.anthropic_protocol import MessagesRequest
 
 TOOL = {"name": "lookup", "description": "Look a word up", "input_schema": {
@@ -85,3 +87,34 @@ def test_tool_choice_and_sampling() -> None:
 def test_anthropic_rules(fields: dict, where: str) -> None:
     with pytest.raises(ValidationError, match=where):
         _request(**fields)
+
+
+# --- reading tool calls out of the output --------------------------------------------------------
+
+CALL = '<tool_call>\n{"name": "lookup", "arguments": {"word": "cat"}}\n</tool_call>'
+
+
+def _streamed(text: str, *, parallel: bool, size: int = 3) -> tuple[str, list[tuple[str, str]]]:
+    """``(text, [(name, input JSON)])`` read from ``text`` fed ``size`` characters at a time."""
+    reader = _ToolUseReader(parallel=parallel)
+    passed = "".join(reader.feed(text[i:i + size]) for i in range(0, len(text), size))
+    rest, calls = reader.finish(text)
+    return passed + rest, [(c.name, c.input_json) for c in calls]
+
+
+def test_the_reader_passes_text_and_reads_calls() -> None:
+    output = "Sure.\n" + CALL + "\n" + CALL.replace("cat", "dog")
+    both = [("lookup", '{"word": "cat"}'), ("lookup", '{"word": "dog"}')]
+    assert _streamed(output, parallel=True) == ("Sure.\n", both)
+    assert _streamed(output, parallel=False) == ("Sure.\n", both[:1])
+    whole_text, whole_calls = _ToolUseReader(parallel=True).read(output)
+    assert (whole_text, [(c.name, c.input_json) for c in whole_calls]) == ("Sure.\n", both)
+    assert [c.block()["input"] for c in whole_calls] == [{"word": "cat"}, {"word": "dog"}]
+    assert all(c.id.startswith("toolu_") for c in whole_calls) and whole_calls[0].id != whole_calls[1].id
+    assert _streamed("No call at all <tool", parallel=True) == ("No call at all <tool", [])
+
+
+def test_a_call_without_an_input_object_is_text() -> None:
+    output = 'Sure.\n<tool_call>\n{"name": "lookup", "arguments": 5}\n</tool_call>'
+    assert _streamed(output, parallel=True) == (output, [])
+    assert _ToolUseReader(parallel=True).read(output)[0] == output
