@@ -127,6 +127,21 @@ def assert_error_shape(response: httpx.Response, status: int | None = None, code
     return error
 
 
+def assert_anthropic_error(response: httpx.Response, status: int, error_type: str) -> str:
+    """Anthropic's error shape ``{"type": "error", "error": {"type", "message"}, "request_id"}``
+    (the ``/v1/messages*`` routes); the request id is the echoed ``X-Request-Id``. Returns the
+    message."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert set(body) == {"type", "error", "request_id"}, body
+    assert body["type"] == "error" and body["request_id"] == response.headers.get("x-request-id"), body
+    assert set(body["error"]) == {"type", "message"}, body
+    assert body["error"]["type"] == error_type, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["message"]
+
+
 def metric_values(client: httpx.Client) -> dict[str, float]:
     """``/metrics`` parsed by the Prometheus text parser: unlabelled sample name -> value."""
     from prometheus_client.parser import text_string_to_metric_families

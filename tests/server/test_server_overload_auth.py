@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -15,6 +16,7 @@ from live_server import (
     LONG_MAX_TOKENS,
     MODEL_NAME,
     Server,
+    assert_anthropic_error,
     assert_error_shape,
     wait_for_status,
     wait_until_idle,
@@ -62,6 +64,9 @@ def test_full_queue_answers_429_with_retry_after(small_client: httpx.Client, sma
                 error = assert_error_shape(response, 429, "overloaded")
                 assert error["type"] == "recoverable"
                 assert int(response.headers["retry-after"]) >= 1
+            anthropic_refused = client.post("/v1/messages", json=VALID_BODIES["/v1/messages"])
+            assert_anthropic_error(anthropic_refused, 429, "rate_limit_error")
+            assert int(anthropic_refused.headers["retry-after"]) >= 1
             # A chosen request id is echoed in the refusal.
             mine = client.post("/generate", json={"prompt": "Hi", "max_tokens": 2},
                                headers={"X-Request-Id": "refused-1"})
@@ -98,10 +103,14 @@ VALID_BODIES = {
     "/detokenize": {"tokens": [1, 2]},
     "/v1/completions": {"prompt": "Hi", "max_tokens": 2},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    "/v1/messages": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    "/v1/messages/count_tokens": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]},
 }
+ANTHROPIC_PREFIX = "/v1/messages"
+"""Routes under it answer errors in Anthropic's shape (its 401 is ``authentication_error``)."""
 KNOWN_ROUTES = {"/generate", "/generate/stream", "/status/{request_id}", "/cancel/{request_id}", "/models",
                 "/tokenize", "/detokenize", "/v1/models", "/v1/completions", "/v1/chat/completions", "/health",
-                "/ready", "/metrics"}
+                "/ready", "/metrics", "/v1/messages", "/v1/messages/count_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +140,12 @@ def test_every_protected_route_needs_the_key(auth_server: Server, protected_rout
         for method, path in protected_routes:
             url = _concrete(path, "some-id")
             response = client.request(method, url, json=VALID_BODIES.get(path) if method == "POST" else None)
-            error = assert_error_shape(response, 401, "invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer", (method, path)
             assert API_KEY not in response.text
+            if path.startswith(ANTHROPIC_PREFIX):
+                assert_anthropic_error(response, 401, "authentication_error")
+                continue
+            error = assert_error_shape(response, 401, "invalid_api_key")
             assert error["type"] == "user", (method, path)
 
 
@@ -169,3 +181,18 @@ def test_openai_client_with_and_without_the_key(auth_server: Server) -> None:
         with pytest.raises(openai.AuthenticationError) as info:
             bad.models.list()
         assert info.value.body["code"] == "invalid_api_key"
+
+
+def test_anthropic_client_with_and_without_the_key(auth_server: Server) -> None:
+    """The ``anthropic`` client sends the key as ``x-api-key``; a wrong one is its ``AuthenticationError``."""
+    with anthropic.Anthropic(base_url=auth_server.url, api_key=API_KEY, timeout=30.0, max_retries=0) as good:
+        assert [m.id for m in good.models.list().data] == [MODEL_NAME]
+        message = good.messages.create(model=MODEL_NAME, max_tokens=3, messages=[{"role": "user", "content": "Hi"}],
+                                       extra_body={"ignore_eos": True})
+        assert message.usage.output_tokens == 3
+    with anthropic.Anthropic(base_url=auth_server.url, api_key="wrong", timeout=30.0, max_retries=0) as bad:
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            bad.messages.create(model=MODEL_NAME, max_tokens=3, messages=[{"role": "user", "content": "Hi"}])
+        assert info.value.type == "authentication_error"
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.models.list()

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from rocmforge.errors import InvalidGrammarError, InvalidRequestError, ModelNotFoundError, RocmForgeError
 from rocmforge.outputs import Completion, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
+from rocmforge.server import anthropic_api
 from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, tool_sampling
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_texts
@@ -89,6 +90,8 @@ def _usage(results: Sequence[Completion], n: int) -> dict[str, Any]:
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     state = _state(request)
+    if anthropic_api.VERSION_HEADER in request.headers:  # Anthropic's SDK: its own shape
+        return anthropic_api.model_list(state)
     return {
         "object": "list",
         "data": [{"id": state.model_name, "object": "model", "created": int(state.started_at),

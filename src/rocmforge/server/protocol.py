@@ -389,14 +389,22 @@ class ChatCompletionRequest(_SamplingFields):
         :meth:`forced_tools`) binds the reply when ``tool_choice`` forces a call."""
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        kwargs = self.sampling_kwargs()
-        if tool_grammar is not None:
-            if "structured" in kwargs:
-                raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
-                                          param="tool_choice")
-            kwargs["structured"] = StructuredOutput(grammar=tool_grammar)
+        kwargs = force_tool_call(self.sampling_kwargs(), tool_grammar)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, keep_special_token_ids=keep_special_token_ids,
                               **kwargs)
+
+
+def force_tool_call(kwargs: dict[str, Any], grammar: str | None) -> dict[str, Any]:
+    """``SamplingParams`` keyword arguments with ``grammar`` (the tool-call format's grammar
+    of the tools one of which the reply must call) as the output constraint; unchanged when
+    it is None. No other output constraint can hold alongside (``InvalidGrammarError``
+    naming ``tool_choice``)."""
+    if grammar is None:
+        return kwargs
+    if "structured" in kwargs:
+        raise InvalidGrammarError("tool_choice forces a tool call: no other output constraint can hold",
+                                  param="tool_choice")
+    return {**kwargs, "structured": StructuredOutput(grammar=grammar)}
 
 
 class TokenizeRequest(_Strict):

@@ -1,8 +1,8 @@
 """Streaming a choice's tool calls as OpenAI ``tool_calls`` deltas, as the model writes them.
 
 Content passes through until the format's calls begin (a tail that may begin a marker is
-held back). From there each call is announced once its name is whole (``id``, ``type``,
-``function.name``, empty ``arguments``), and its arguments follow piece by piece as raw JSON
+held back). From there each call is announced once its name is whole and its arguments
+have begun as an object (``id``, ``type``, ``function.name``, empty ``arguments``), and its arguments follow piece by piece as raw JSON
 text, so the pieces concatenate to the final ``arguments``. At the end the whole output is
 parsed (:meth:`ToolFormat.parse`, the same scan): what the stream sent and what a
 non-streamed answer holds agree. An output whose calls turn out malformed ends with the
@@ -74,8 +74,8 @@ class ToolCallStream:
         """What is new in ``calls`` since the last call of this: one delta per call at most."""
         deltas = []
         for index, call in enumerate(calls):
-            if call.name is None:
-                break
+            if call.name is None or not (call.arguments or call.complete):
+                break  # announced once its arguments begin: arguments that are no object fail first
             delta: dict[str, Any] = {"index": index}
             function: dict[str, str] = {}
             if index == len(self._ids):
