@@ -227,3 +227,25 @@ def test_tool_calls_and_reasoning_are_counted(mistral: openai.OpenAI, thinker: o
         pass
     assert _sample(base, "rocmforge_reasoning_replies_total", {}) == before + 2
     assert _sample(base, "rocmforge_tool_calls_total", {"parser": "hermes"}) == 0
+
+
+def test_anthropic_thinking_blocks(thinker: openai.OpenAI) -> None:
+    """The Messages API reads replies through the same layer: reasoning is a thinking block,
+    streamed as thinking deltas, equal to the OpenAI route's reasoning_content (the random
+    model never closes its block, so the reply is all reasoning)."""
+    import anthropic
+
+    reference = thinker.chat.completions.create(model="thinker", messages=MESSAGES, seed=0, max_tokens=12,
+                                                temperature=0.9)
+    reasoning = reference.choices[0].message.model_extra["reasoning_content"]
+    assert reasoning and reference.choices[0].message.content == ""
+    base = str(thinker.base_url).rstrip("/").removesuffix("/v1")
+    kwargs = {"model": "thinker", "max_tokens": 12, "messages": MESSAGES,
+              "extra_body": {"seed": 0, "temperature": 0.9}}
+    with anthropic.Anthropic(base_url=base, api_key="x", max_retries=0) as client:
+        message = client.messages.create(**kwargs)
+        with client.messages.stream(**kwargs) as stream:
+            streamed = stream.get_final_message()
+    for reply in (message, streamed):
+        assert [b.type for b in reply.content] == ["thinking"] and reply.stop_reason == "max_tokens"
+        assert reply.content[0].thinking == reasoning
