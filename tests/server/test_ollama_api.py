@@ -408,6 +408,14 @@ def test_bad_requests_are_4xx_in_ollamas_shape(client: httpx.Client, method: str
     assert after.status_code == 200 and after.json()["eval_count"] >= 1, after.text
 
 
+def test_the_body_is_json_whatever_its_content_type(client: httpx.Client) -> None:
+    """``curl -d '{...}'`` (Ollama's documented examples) sends JSON as a form."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    response = client.post("/api/chat", content=json.dumps(CHAT), headers=form)
+    assert response.status_code == 200 and response.json()["done"] is True, response.text
+    assert "model is required" in _error(client.post("/api/show", content=b"", headers=form), 400)
+
+
 def test_bad_json_and_the_client_errors(oll: ollama.Client, client: httpx.Client) -> None:
     assert "not valid JSON" in _error(client.post("/api/chat", content=b"{not json",
                                                   headers={"content-type": "application/json"}), 400)

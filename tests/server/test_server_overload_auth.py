@@ -140,9 +140,6 @@ def test_every_protected_route_needs_the_key(auth_server: Server, protected_rout
             url = _concrete(path, "some-id")
             response = client.request(method, url, json=VALID_BODIES.get(path) if method == "POST" else None)
             assert response.headers["www-authenticate"] == "Bearer", (method, path)
-            if method == "HEAD":  # no body to shape
-                assert response.status_code == 401, (method, path)
-                continue
             assert API_KEY not in response.text
             if path.startswith("/api/"):  # Ollama's routes answer in Ollama's shape
                 assert response.status_code == 401, (method, path, response.text)

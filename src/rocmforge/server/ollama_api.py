@@ -24,10 +24,12 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from rocmforge import __version__
 from rocmforge.engine.request_stream import RequestStream
@@ -53,6 +55,7 @@ from rocmforge.server.streams import dumps, results_or_disconnect, submit
 from rocmforge.server.tool_calls import ParsedToolCall, ToolCallStream, parse_tool_calls
 
 router = APIRouter()
+Body = TypeVar("Body", bound=BaseModel)
 
 OLLAMA_VERSION = "0.13.0"
 """The Ollama release whose API this module follows (``/api/version``; clients gate features on it)."""
@@ -72,6 +75,21 @@ error_shapes.register("/api/", _shape)
 
 def _state(request: Request) -> ServerState:
     return request.app.state.rocmforge
+
+
+async def _body(request: Request, model: type[Body]) -> Body:
+    """The request's JSON body, whatever its content type: Ollama's own server reads it so,
+    and its documented examples (``curl -d '{...}'``) send it as a form."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError):  # invalid UTF-8 is a ValueError too
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}]) \
+            from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 async def _card(state: ServerState) -> ModelCard:
@@ -282,9 +300,10 @@ def _loaded(model: str, chat: bool, reason: str = "load") -> dict[str, Any]:
 
 
 @router.post("/api/generate", response_model=None)
-async def generate(body: GenerateBody, request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
+async def generate(request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     started = time.perf_counter_ns()
     state = _state(request)
+    body = await _body(request, GenerateBody)
     card = await _served(state, body.model)
     if not body.prompt:
         return _loaded(card.name, chat=False)
@@ -313,9 +332,10 @@ async def _generate_prompt(state: ServerState, body: GenerateBody) -> list[int]:
 
 
 @router.post("/api/chat", response_model=None)
-async def chat(body: ChatBody, request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
+async def chat(request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     started = time.perf_counter_ns()
     state = _state(request)
+    body = await _body(request, ChatBody)
     card = await _served(state, body.model)
     if not body.messages:
         return _loaded(card.name, chat=True)
@@ -337,8 +357,9 @@ async def tags(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/show")
-async def show(body: ModelBody, request: Request) -> dict[str, Any]:
+async def show(request: Request) -> dict[str, Any]:
     state = _state(request)
+    body = await _body(request, ModelBody)
     card = await _served(state, body.model_name())
     info = {**card.model_info, **await off_loop(state, verbose_model_info, card.path)} if body.verbose \
         else card.model_info
@@ -370,7 +391,8 @@ async def version() -> dict[str, str]:
     return {"version": OLLAMA_VERSION, "rocmforge_version": __version__}
 
 
-@router.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse)
+@router.get("/", response_class=PlainTextResponse)
+@router.head("/", response_class=PlainTextResponse, include_in_schema=False)  # curl -I, probes
 async def root() -> str:
     """Ollama's clients probe the server here."""
     return "Ollama is running"
@@ -380,10 +402,11 @@ async def root() -> str:
 
 
 @router.post("/api/pull", response_model=None)
-async def pull(body: ModelBody, request: Request) -> dict[str, Any] | StreamingResponse:
+async def pull(request: Request) -> dict[str, Any] | StreamingResponse:
     """The served model is here already: success at once (clients pull before they use a
     model). Any other is refused."""
     state = _state(request)
+    body = await _body(request, ModelBody)
     name = body.model_name()
     card = await _card(state)
     if not card.accepts(name):
