@@ -99,7 +99,7 @@ def error_class_codes() -> set[str]:
 
 def server_codes() -> set[str]:
     """Codes the server package writes itself: ``"code": "..."`` dict entries, the second
-    argument of ``error_response`` / ``_error`` calls, and the status -> code table."""
+    argument of ``_error`` calls, the third of ``error_response`` calls, and the status -> code table."""
     codes: set[str] = set()
     for path in sorted((SRC / "server").glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -110,9 +110,12 @@ def server_codes() -> set[str]:
                         codes.add(_const(value))
                 if node.keys and all(isinstance(_const(k), int) for k in node.keys):
                     codes.update(v for v in map(_const, node.values) if isinstance(v, str))
+            elif isinstance(node, ast.Call) and len(node.args) > 2 and _name(node.func) == "error_response":
+                if isinstance(_const(node.args[2]), str):  # error_response(request, status, code, ...)
+                    codes.add(str(_const(node.args[2])))
             elif isinstance(node, ast.Call) and len(node.args) > 1 and isinstance(_const(node.args[1]), str):
                 function, code = _name(node.func), str(_const(node.args[1]))
-                if function in {"error_response", "_error"}:
+                if function == "_error":
                     codes.add(code)
                 elif function == "get" and re.fullmatch(r"[a-z_]+_error", code):
                     codes.add(code)  # the fallback of codes.get(status, "http_error")

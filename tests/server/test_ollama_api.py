@@ -22,7 +22,7 @@ from spawned_server import running, spawn_server
 from rocmforge.errors import InvalidRequestError
 from rocmforge.gguf import read_gguf
 from rocmforge.server.ollama_api import ReplyParser
-from rocmforge.server.ollama_models import human_number, tagged
+from rocmforge.server.ollama_models import human_number, model_card, tagged
 from rocmforge.server.ollama_protocol import ModelBody, Options
 from rocmforge.server.tool_calls import CLOSE, OPEN
 from rocmforge.synthetic.spec import CHATML_TEMPLATE
@@ -334,6 +334,20 @@ def test_list_show_and_ps(oll: ollama.Client, client: httpx.Client, tiny_gguf: P
     [loaded] = oll.ps().models
     assert loaded.model == loaded.name == TAGGED and loaded.context_length == TINY_SPEC.max_context
     assert loaded.expires_at.year == 9999 and loaded.size > 0 and loaded.size_vram == 0  # the CPU
+
+
+@pytest.mark.slow
+def test_the_default_models_card(default_gguf: Path) -> None:
+    """A quantized file: its level from ``general.file_type``, its size as Ollama writes it."""
+    with read_gguf(default_gguf) as gguf:
+        parameters = sum(t.n_elements for t in gguf.tensors.values())
+        template = gguf.metadata["tokenizer.chat_template"]
+    card = model_card(str(default_gguf), "smollm2", template)
+    assert card.name == "smollm2:latest" and card.accepts("smollm2") and not card.accepts("smollm2:q8")
+    assert card.details["quantization_level"] == "Q4_1" and card.details["family"] == "llama"
+    assert card.details["parameter_size"] == f"{parameters / 1e6:.2f}M"
+    assert card.template == template and card.model_info["llama.block_count"] == 30
+    assert card.model_info["general.size_label"] == "135M"
 
 
 def test_version_and_the_probe(client: httpx.Client) -> None:
