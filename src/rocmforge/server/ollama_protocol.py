@@ -52,6 +52,10 @@ DEFAULT_TOP_K = 40
 DEFAULT_TOP_P = 0.9
 """Ollama's sampling defaults (``api.DefaultOptions``), used where a request leaves them out."""
 
+_OPTION_NAMES = {name: name for name in ("temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                                          "presence_penalty", "frequency_penalty")} | {
+    "repetition_penalty": "repeat_penalty"}
+"""SamplingParams fields set from ``options`` -> the option's name."""
 _DURATION = re.compile(r"^[-+]?((\d+(\.\d*)?|\.\d+)(ns|us|\u00b5s|ms|s|m|h))+$|^[-+]?\d+(\.\d*)?$")
 """A Go duration (``5m``, ``1h30m``, ``-1s``) or a bare number of seconds, as ``keep_alive`` takes."""
 
@@ -208,7 +212,14 @@ class _GenerationFields(_Strict):
         if structured is not None:
             kwargs["structured"] = structured
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        except InvalidRequestError as exc:  # say the option as the client spelt it
+            option = _OPTION_NAMES.get(exc.param or "")
+            if option is None:
+                raise
+            raise InvalidRequestError(exc.message.replace(exc.param or "", option, 1), param=f"options.{option}") \
+                from None
 
     @property
     def num_predict(self) -> int | None:
