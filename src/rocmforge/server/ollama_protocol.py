@@ -270,7 +270,8 @@ class OllamaToolCall(_Strict):
 
 class OllamaMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Text = ""
+    content: Text | None = None
+    """Null or left out: empty."""
     images: list[Text] | None = None
     tool_calls: Annotated[list[OllamaToolCall], Field(max_length=128)] | None = None
     tool_name: Text | None = None
@@ -302,7 +303,7 @@ class OllamaMessage(_Strict):
                                            arguments=json.dumps(call.function.arguments, ensure_ascii=False)))
             for j, call in enumerate(self.tool_calls or ())
         ]
-        return ChatMessage(role=self.role, content=self.content, tool_calls=calls or None, name=self.tool_name)
+        return ChatMessage(role=self.role, content=self.content or "", tool_calls=calls or None, name=self.tool_name)
 
 
 class ChatBody(_GenerationFields):
