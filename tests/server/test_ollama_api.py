@@ -16,7 +16,17 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-from live_server import API_KEY, HTTP_TIMEOUT, MODEL_NAME, TINY_SPEC, Server, metric_values, wait_for_status
+from live_server import (
+    API_KEY,
+    HTTP_TIMEOUT,
+    MODEL_NAME,
+    TINY_SPEC,
+    Server,
+    metric_values,
+    start_server,
+    stop_server,
+    wait_for_status,
+)
 from spawned_server import running, spawn_server
 
 from rocmforge.errors import InvalidRequestError
@@ -530,3 +540,30 @@ def test_unsupported_samplers_are_refused_and_a_model_name_is_required() -> None
         Options(typical_p=0.5)
     with pytest.raises(InvalidRequestError, match="model is required"):
         ModelBody().model_name()
+
+
+# --- the default model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_server(default_gguf, tmp_path_factory.mktemp("ollama-default"), "--model-name", "smollm2")
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_the_default_model_answers_through_ollamas_api(default_server: Server) -> None:
+    client = ollama.Client(host=default_server.url, timeout=120.0)
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    answer = client.chat("smollm2:latest", question, options={**GREEDY, "num_predict": 16})
+    assert "Paris" in answer.message.content, answer.message.content
+    streamed = "".join(p.message.content or "" for p in client.chat("smollm2", question, stream=True,
+                                                                    options={**GREEDY, "num_predict": 16}))
+    assert streamed == answer.message.content
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    where = client.generate("smollm2", "Where is the Eiffel Tower? Reply in JSON.", format=schema,
+                            options={**GREEDY, "num_predict": 100})
+    value = json.loads(where.response)
+    assert set(value) == {"city", "country"} and "Paris" in value["city"], value
