@@ -163,6 +163,15 @@ class RequestNotFoundError(RocmForgeError):
     http_status = 404
 
 
+class UnsupportedOperationError(RocmForgeError):
+    """The server understood the request but does not do that (e.g. pulling or deleting
+    models: it serves one model, fixed at start-up)."""
+
+    category = ErrorCategory.USER
+    code = "unsupported_operation"
+    http_status = 403
+
+
 # --- model, device, cache, scheduler ----------------------------------------------------
 
 

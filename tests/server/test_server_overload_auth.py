@@ -105,12 +105,20 @@ VALID_BODIES = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
     "/v1/messages": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
     "/v1/messages/count_tokens": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]},
+    "/api/generate": {"model": MODEL_NAME, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}},
+    "/api/chat": {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                  "options": {"num_predict": 2}},
+    "/api/show": {"model": MODEL_NAME},
+    "/api/pull": {"model": MODEL_NAME, "stream": False},
 }
 ANTHROPIC_PREFIX = "/v1/messages"
 """Routes under it answer errors in Anthropic's shape (its 401 is ``authentication_error``)."""
+REFUSING_ROUTES = {"/api/push", "/api/create", "/api/copy", "/api/delete"}
+"""Ollama's model management: with the key, a 403 (one model, fixed at start-up)."""
 KNOWN_ROUTES = {"/generate", "/generate/stream", "/status/{request_id}", "/cancel/{request_id}", "/models",
                 "/tokenize", "/detokenize", "/v1/models", "/v1/completions", "/v1/chat/completions", "/health",
-                "/ready", "/metrics", "/v1/messages", "/v1/messages/count_tokens"}
+                "/ready", "/metrics", "/v1/messages", "/v1/messages/count_tokens", "/", "/api/generate",
+                "/api/chat", "/api/tags", "/api/show", "/api/ps", "/api/version", *REFUSING_ROUTES}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +153,10 @@ def test_every_protected_route_needs_the_key(auth_server: Server, protected_rout
             if path.startswith(ANTHROPIC_PREFIX):
                 assert_anthropic_error(response, 401, "authentication_error")
                 continue
+            if path.startswith("/api/"):  # Ollama's routes answer in Ollama's shape
+                assert response.status_code == 401, (method, path, response.text)
+                assert response.json() == {"error": "missing or invalid API key"}, (method, path)
+                continue
             error = assert_error_shape(response, 401, "invalid_api_key")
             assert error["type"] == "user", (method, path)
 
@@ -159,7 +171,9 @@ def test_health_is_open_and_the_right_key_works_everywhere(auth_server: Server,
             body = VALID_BODIES.get(path) if method == "POST" else None
             response = client.request(method, _concrete(path, "auth-1"), json=body)
             # Routes added later without an example body still must not answer 401.
-            if method == "POST" and path not in VALID_BODIES and "{" not in path:
+            if path in REFUSING_ROUTES:
+                assert response.status_code == 403, (method, path, response.text)
+            elif method == "POST" and path not in VALID_BODIES and "{" not in path:
                 assert response.status_code != 401, (method, path, response.text)
             else:
                 assert response.status_code == 200, (method, path, response.text)
