@@ -269,6 +269,11 @@ class AsyncEngine:
         return self._engine.pooling
 
     @property
+    def no_pooling_reason(self) -> str:
+        """Why :attr:`pooling` is None (empty when it is not)."""
+        return self._engine.no_pooling_reason if self._engine.pooling is None else ""
+
+    @property
     def hidden_size(self) -> int:
         """Length of an embedding before ``dimensions`` truncates it."""
         return self._engine.runner.hidden_size
