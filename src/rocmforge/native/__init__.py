@@ -2,7 +2,8 @@
 
 Owned here: building ``csrc/`` (on first use, or ahead of time by ``python -m
 rocmforge.native``, which ``make setup`` runs) into ``~/.cache/rocmforge/native/<key>`` — the
-key hashes the sources, the torch build and the Python version, so an upgrade rebuilds — and
+key hashes the sources and their location, the torch build and the Python version, so an
+upgrade rebuilds — and
 loading it as ``torch.ops.rocmforge_cpu``. :func:`ops` returns those operators, or None with
 one warning that says why (no compiler, a failed build) and what runs instead.
 
@@ -50,6 +51,9 @@ def cache_dir() -> Path:
 
 def _build_key() -> str:
     digest = hashlib.sha256()
+    # The sources' location too: torch rebuilds an entry whose build file names other source
+    # paths, so two checkouts sharing one cache would rebuild on every alternate load.
+    digest.update(str(SOURCES.resolve()).encode())
     for path in sorted(SOURCES.iterdir()):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
