@@ -93,6 +93,11 @@ class Pooler:
         for request_id in step.vectors:
             self._partials.pop(request_id, None)
 
+    @property
+    def num_pending(self) -> int:
+        """Requests with pooling state kept between chunks."""
+        return len(self._partials)
+
     def release(self, request_id: str) -> None:
         """Forget a finished (or cancelled) request's partial state."""
         self._partials.pop(request_id, None)
