@@ -26,7 +26,6 @@ from live_server import (
     TINY_SPEC,
     Server,
     assert_error_shape,
-    metric_values,
     start_server,
     stop_server,
     wait_for_status,
