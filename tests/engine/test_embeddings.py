@@ -18,10 +18,17 @@ import torch
 from tiny_engine import TINY_SPEC, StepRecorder, TinyModel, assert_pool_idle, kv_bytes
 
 from rocmforge import LLM, PoolingParams, SamplingParams
-from rocmforge.config import PoolerConfig
+from rocmforge.attention import get_backend
+from rocmforge.config import CacheConfig, PoolerConfig, SchedulerConfig
+from rocmforge.engine.llm_engine import LLMEngine
+from rocmforge.engine.model_runner import ModelRunner
+from rocmforge.engine.scheduler import Scheduler
 from rocmforge.errors import ConfigError, ContextLengthExceededError, EmbeddingsUnsupportedError, InvalidRequestError
+from rocmforge.gguf import read_gguf
+from rocmforge.models.loader import load_model
 from rocmforge.outputs import RequestOutput
 from rocmforge.synthetic import random_hf_weights, write_gguf
+from rocmforge.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -225,3 +232,33 @@ def test_the_gguf_pooling_type_is_the_default_and_the_setting_overrides_it(tmp_p
     with pytest.raises(ConfigError) as err:
         PoolerConfig(pooling="max")
     assert err.value.param == "pooling"
+
+
+def test_one_token_embeddings_beside_static_decode_steps(tiny_model: TinyModel, hf_model) -> None:
+    """A one-token embedding request caught up in a step of decodes looks like a decode row:
+    the static (CUDA-graph) decode path must not take that step, whose hidden states it needs."""
+    with read_gguf(tiny_model.path) as gguf:
+        loaded = load_model(gguf, device=torch.device("cpu"), dtype=torch.float32, attention=get_backend("torch"),
+                            weight_format="dense")
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    runner = ModelRunner(loaded.model, 32, 8, torch.device("cpu"), kv_dtype=torch.float32, static_decode=True,
+                         max_num_seqs=4, max_model_len=96)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=96),
+                          CacheConfig(block_size=8), 32)
+    engine = LLMEngine(runner, tokenizer, scheduler, pooling="last")
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.add_request("g0", SHORT, greedy)
+    engine.add_request("g1", LONG[:9], greedy)
+    engine.step()  # both prefilled: decodes from here on
+    finals: dict[str, RequestOutput] = {}
+    for rid, ids in (("e0", [42]), ("e1", [7])):
+        engine.add_request(rid, ids, PoolingParams(pooling="cls" if rid == "e1" else None))
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    assert {"e0", "e1"} <= set(finals)
+    np.testing.assert_allclose(finals["e0"].embedding, reference(hf_model, [42], "last"), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(finals["e1"].embedding, reference(hf_model, [7], "cls"), atol=ATOL, rtol=0)
+    while engine.has_unfinished():
+        engine.step()
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
