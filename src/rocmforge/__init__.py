@@ -14,16 +14,20 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "rocmforge.llm",
     "SamplingParams": "rocmforge.sampling_params",
+    "PoolingParams": "rocmforge.pooling_params",
+    "EmbeddingOutput": "rocmforge.outputs",
     "Completion": "rocmforge.outputs",
     "RequestOutput": "rocmforge.outputs",
     "TokenLogprobs": "rocmforge.outputs",
 }
 
-__all__ = ["LLM", "Completion", "RequestOutput", "SamplingParams", "TokenLogprobs", "__version__"]
+__all__ = ["LLM", "Completion", "EmbeddingOutput", "PoolingParams", "RequestOutput", "SamplingParams", "TokenLogprobs",
+           "__version__"]
 
 if TYPE_CHECKING:
     from rocmforge.llm import LLM
-    from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+    from rocmforge.outputs import Completion, EmbeddingOutput, RequestOutput, TokenLogprobs
+    from rocmforge.pooling_params import PoolingParams
     from rocmforge.sampling_params import SamplingParams
 
 

@@ -157,6 +157,13 @@ class InvalidGrammarError(InvalidRequestError):
     code = "invalid_grammar"
 
 
+class EmbeddingsUnsupportedError(InvalidRequestError):
+    """An embedding request to an engine that has no pooling (a generation model whose file
+    declares none, and no ``pooling`` setting)."""
+
+    code = "embeddings_unsupported"
+
+
 class RequestNotFoundError(RocmForgeError):
     category = ErrorCategory.USER
     code = "request_not_found"
@@ -170,6 +177,15 @@ class UnsupportedOperationError(RocmForgeError):
     category = ErrorCategory.USER
     code = "unsupported_operation"
     http_status = 403
+
+
+class RequestCancelledError(RocmForgeError):
+    """A request was cancelled (a cancel call, the shutdown deadline) before it had a result
+    that can stand partial (an embedding)."""
+
+    category = ErrorCategory.RECOVERABLE
+    code = "request_cancelled"
+    http_status = 503
 
 
 # --- model, device, cache, scheduler ----------------------------------------------------

@@ -7,6 +7,7 @@ batching engine the server uses.
     from rocmforge import LLM, SamplingParams
     llm = LLM("model.gguf", device="cpu")
     [out] = llm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))
+    [vector] = LLM("model.gguf", pooling="mean").embed("The capital of France")  # EmbeddingOutput
 
 Configuration: keyword arguments are the fields of :mod:`rocmforge.config`'s engine parts
 (``device``, ``dtype``, ``block_size``, ``max_num_seqs``, ``kv_cache_memory``...: see
@@ -42,12 +43,13 @@ from rocmforge.engine.llm_engine import LLMEngine
 from rocmforge.engine.model_runner import kv_block_bytes
 from rocmforge.engine.placement import place_model
 from rocmforge.engine.scheduler import Scheduler
-from rocmforge.errors import ChatTemplateError, ConfigError, InvalidRequestError
+from rocmforge.errors import ChatTemplateError, ConfigError, InvalidRequestError, ModelExecutionError
 from rocmforge.gguf import read_gguf
 from rocmforge.hub import resolve_model
 from rocmforge.models.loader import ProgressCallback
 from rocmforge.models.validate import check_vocabulary, checked_config
-from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.outputs import Completion, EmbeddingOutput, RequestOutput, TokenLogprobs
+from rocmforge.pooling_params import PoolingParams, resolve_pooling
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.settings import SettingsBase, default_models_dir
 from rocmforge.testing.fault_spec import FaultInjection
@@ -121,7 +123,9 @@ class LLM:
 
         scheduler = Scheduler(replace(config.scheduler, max_model_len=self.max_model_len), config.cache,
                               num_blocks=runner.num_blocks)
-        self.engine = LLMEngine(runner, self.tokenizer, scheduler)
+        pooling, no_pooling = resolve_pooling(config.pooler.pooling, self.config.pooling_type)
+        self.engine = LLMEngine(runner, self.tokenizer, scheduler, pooling=pooling,
+                                no_pooling_reason=no_pooling or "")
         self._ids = itertools.count()
         self.load_seconds = time.perf_counter() - started
         """Wall time ``__init__`` took: reading the file, placing the weights, the KV cache."""
@@ -213,6 +217,45 @@ class LLM:
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k)
         [completion] = self._run([list(token_ids)], [params])
         return completion.prompt_logprobs or []
+
+    # --- embeddings ------------------------------------------------------------------------
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], params: PoolingParams | None = None) -> list[EmbeddingOutput]:
+        """Embed one prompt or many (a str or a list of token ids each), in input order: each
+        prompt's pooled final hidden states (``params.pooling``, else the engine's: the
+        ``pooling`` option, by default the model file's ``pooling_type``), truncated to
+        ``params.dimensions`` and L2-normalised unless ``params.normalize`` is False. The
+        prompts run batched, like ``generate``'s (and are validated first, the same way).
+        Text is tokenized as for generation (the tokenizer's BOS added where it adds one)."""
+        params = params or PoolingParams()
+        ids = [self._prompt_ids(p) for p in _as_prompt_list(prompts)]
+        engine = self.engine
+        checked = [engine.check_request(prompt, params) for prompt in ids]
+        pending = deque((f"llm-{next(self._ids)}", prompt) for prompt in checked)
+        order = [request_id for request_id, _ in pending]
+        prompt_of = dict(pending)
+        finals: dict[str, RequestOutput] = {}
+        max_waiting = engine.scheduler.scheduler_config.max_waiting
+        try:
+            while pending or any(engine.is_live(rid) for rid in order if rid not in finals):
+                while pending and engine.scheduler.num_waiting < max_waiting:
+                    request_id, prompt = pending.popleft()
+                    engine.add_request(request_id, prompt, params)
+                for output in engine.step():
+                    if output.request_id in prompt_of and output.finished:
+                        finals[output.request_id] = output
+        finally:
+            for request_id in order:
+                if engine.is_live(request_id):
+                    engine.abort(request_id)
+        results = []
+        for request_id in order:
+            final = finals[request_id]
+            if final.embedding is None:
+                raise ModelExecutionError(f"embedding request {request_id} failed: {final.error or final.finish_reason}")
+            results.append(EmbeddingOutput(request_id=request_id, prompt_token_ids=prompt_of[request_id],
+                                           embedding=final.embedding, num_cached_tokens=final.num_cached_tokens))
+        return results
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -1,4 +1,4 @@
-"""What the engine hands back: per-step request outputs and the final completions.
+"""What the engine hands back: per-step request outputs, the final completions and embeddings.
 
 These are the public result types of the Python API (``rocmforge.LLM``) and what the
 server serialises.
@@ -41,6 +41,8 @@ class RequestOutput:
     stop_reason: str | int | None = None
     """On the final output: the stop string or stop token id that ended generation."""
     error: str | None = None
+    embedding: list[float] | None = None
+    """On an embedding request's final output (``stop``): its pooled vector."""
 
 
 @dataclass(slots=True)
@@ -58,3 +60,19 @@ class Completion:
     """The stop string or stop token id that ended generation, if any."""
     num_cached_tokens: int = 0
     """Prompt tokens served from the prefix cache (OpenAI's ``cached_tokens``)."""
+
+
+@dataclass(slots=True)
+class EmbeddingOutput:
+    """The embedding of one prompt: its pooled final hidden states (fp32 values), truncated to
+    ``dimensions`` and L2-normalised unless the request said otherwise."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache (``last`` pooling only)."""
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

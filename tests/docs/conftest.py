@@ -44,7 +44,8 @@ def _spawn(gguf: Path, log_dir: Path, api_key: str | None) -> Server:
 
     port = free_port()
     args = [sys.executable, "-m", "rocmforge.cli", "serve", "--gguf", str(gguf), "--addr", f"127.0.0.1:{port}",
-            "--device", "cpu", "--dtype", "float32", "--model-name", DOCS_MODEL_NAME]
+            "--device", "cpu", "--dtype", "float32", "--model-name", DOCS_MODEL_NAME,
+            "--pooling", "mean"]  # the Embeddings examples run with the documented --pooling mean
     if api_key:
         args += ["--api-key", api_key]
     log_path = log_dir / f"serve-{port}.log"

@@ -132,3 +132,19 @@ def test_loading_a_broken_model_file_is_a_typed_error(tmp_path: Path, change: di
     with pytest.raises(error, match=message.replace(".", r"\.")), read_gguf(bad) as gguf:
         load_model(gguf, device=torch.device("cpu"), dtype=torch.float32, attention=get_backend())
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize("value,name", [(0, "none"), (1, "mean"), (2, "cls"), (3, "last"), (4, "rank")])
+def test_pooling_type_is_read_by_llama_cpp_enum(value: int, name: str) -> None:
+    config = ModelConfig.from_gguf_metadata({**BASE, "llama.pooling_type": value}, vocab_size=100)
+    assert config.pooling_type == name
+
+
+def test_no_pooling_type_key_is_none() -> None:
+    assert ModelConfig.from_gguf_metadata(BASE, vocab_size=100).pooling_type is None
+
+
+@pytest.mark.parametrize("value", [5, -1, "mean", 1.0, True])
+def test_unknown_pooling_type_is_refused_naming_the_key(value: object) -> None:
+    with pytest.raises(ModelLoadError, match=r"llama\.pooling_type"):
+        ModelConfig.from_gguf_metadata({**BASE, "llama.pooling_type": value}, vocab_size=100)

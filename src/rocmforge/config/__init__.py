@@ -2,7 +2,8 @@
 and docstring written once.
 
 * :mod:`~rocmforge.config.engine` -- :class:`LoadConfig`, :class:`DeviceConfig`,
-  :class:`CacheConfig`, :class:`SchedulerConfig` and their bundle :class:`EngineConfig`;
+  :class:`CacheConfig`, :class:`SchedulerConfig`, :class:`PoolerConfig` and their bundle
+  :class:`EngineConfig`;
 * :mod:`~rocmforge.config.server` -- :class:`ServerConfig`;
 * :mod:`~rocmforge.config.fields` -- reading a class's fields (names, types, defaults,
   docstrings) for whoever derives settings, flags or keyword arguments from them.
@@ -19,6 +20,7 @@ from rocmforge.config.engine import (
     DeviceConfig,
     EngineConfig,
     LoadConfig,
+    PoolerConfig,
     SchedulerConfig,
 )
 from rocmforge.config.fields import ConfigField, config_fields
@@ -31,6 +33,7 @@ __all__ = [
     "DeviceConfig",
     "EngineConfig",
     "LoadConfig",
+    "PoolerConfig",
     "SchedulerConfig",
     "ServerConfig",
     "config_fields",

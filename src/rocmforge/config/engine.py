@@ -1,12 +1,12 @@
-"""The engine's configuration: loading, device, KV cache, scheduler. One small frozen dataclass
-per concern, each field's default and docstring written here and nowhere else.
+"""The engine's configuration: loading, device, KV cache, scheduler, pooling. One small frozen
+dataclass per concern, each field's default and docstring written here and nowhere else.
 
 Flows in from ``LLM(**kwargs)`` (:meth:`EngineConfig.from_kwargs`), from the environment and
 the CLI flags (:mod:`rocmforge.settings` and :mod:`rocmforge.cli.config_options` derive their
 fields from these classes). Flows out to placement (:mod:`rocmforge.engine.placement`: load,
-device, cache), the model runner (cache) and the scheduler (scheduler, cache). Invalid values
-raise :class:`~rocmforge.errors.ConfigError` naming the field on construction. Nothing here
-reads the environment.
+device, cache), the model runner (cache), the scheduler (scheduler, cache) and the engine
+(pooler). Invalid values raise :class:`~rocmforge.errors.ConfigError` naming the field on
+construction. Nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ MAX_BLOCK_SIZE = 256
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 WEIGHT_FORMATS = ("auto", "dense", "quantized")
 WeightFormat = Literal["auto", "dense", "quantized"]
+POOLING_SETTINGS = ("auto", "mean", "cls", "last")
+PoolingSetting = Literal["auto", "mean", "cls", "last"]
 
 
 def _dtype_name(value: Any, name: str) -> str:
@@ -143,6 +145,20 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PoolerConfig:
+    """How embedding requests pool the final hidden states (``LLM.embed``, ``/v1/embeddings``)."""
+
+    pooling: PoolingSetting = "auto"
+    """Pooling of embeddings: auto (the GGUF's pooling_type; none for a generation model, which then
+    cannot embed) | mean | cls | last (override the file's)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {"pooling": choice(*POOLING_SETTINGS)}
+
+    def __post_init__(self) -> None:
+        apply_rules(self)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything ``LLM`` needs besides the model file: one object per concern."""
 
@@ -150,6 +166,7 @@ class EngineConfig:
     device: DeviceConfig = DeviceConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    pooler: PoolerConfig = PoolerConfig()
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -165,5 +182,5 @@ class EngineConfig:
 
 
 ENGINE_PARTS: dict[str, type] = {"load": LoadConfig, "device": DeviceConfig, "cache": CacheConfig,
-                                 "scheduler": SchedulerConfig}
+                                 "scheduler": SchedulerConfig, "pooler": PoolerConfig}
 """The parts of :class:`EngineConfig` by attribute name."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rocmforge.outputs import RequestOutput
+from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.structured.matcher import GrammarMatcher
 
@@ -77,7 +78,7 @@ class Sink:
 class Submit:
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     sink: Sink
     reply: Reply
     grammar: GrammarMatcher | None = None

@@ -42,6 +42,7 @@ from rocmforge.engine.scheduler import Scheduler, SchedulerStats
 from rocmforge.engine.stats import StatsCollector, StatsLogger
 from rocmforge.engine.status_board import FINISHED_HISTORY, StatusBoard
 from rocmforge.errors import InvalidRequestError
+from rocmforge.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from rocmforge.engine.model_runner import ModelRunner
@@ -135,7 +136,9 @@ class AsyncEngine:
         params: Any,
         request_id: str | None = None,
     ) -> RequestStream:
-        """Queue a request; return its stream of outputs.
+        """Queue a request (``params``: a ``SamplingParams``, or a ``PoolingParams`` for an
+        embedding request, whose stream has one output: ``RequestStream.embedding()``); return
+        its stream of outputs.
 
         Raises the admission errors here (``InvalidRequestError``,
         ``ContextLengthExceededError``, ``OverloadedError``, ``EngineDeadError``), never later
@@ -149,9 +152,10 @@ class AsyncEngine:
             )
         try:
             ids = self._engine.check_request(prompt_token_ids, params)
+            structured = params.structured if isinstance(params, SamplingParams) else None
             # compiled on a worker thread: neither the event loop nor the engine thread waits
-            grammar = (await asyncio.to_thread(self._engine.grammars.matcher, params.structured)
-                       if params.structured is not None else None)
+            grammar = (await asyncio.to_thread(self._engine.grammars.matcher, structured)
+                       if structured is not None else None)
         except InvalidRequestError as exc:
             logger.debug("request %s refused: %s", request_id, exc, extra={"request_id": request_id})
             raise
@@ -257,3 +261,19 @@ class AsyncEngine:
     def vocab_size(self) -> int:
         """Token ids ``[0, vocab_size)`` are accepted wherever ids are."""
         return self._engine.vocab_size
+
+    @property
+    def pooling(self) -> str | None:
+        """What embedding requests pool with (``mean`` | ``cls`` | ``last``); None: the
+        engine cannot embed unless a request names a pooling."""
+        return self._engine.pooling
+
+    @property
+    def no_pooling_reason(self) -> str:
+        """Why :attr:`pooling` is None (empty when it is not)."""
+        return self._engine.no_pooling_reason if self._engine.pooling is None else ""
+
+    @property
+    def hidden_size(self) -> int:
+        """Length of an embedding before ``dimensions`` truncates it."""
+        return self._engine.runner.hidden_size

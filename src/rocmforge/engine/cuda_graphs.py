@@ -40,6 +40,7 @@ import torch
 from rocmforge.attention import AttentionMetadata
 from rocmforge.engine.scheduler import ScheduledRequest
 from rocmforge.models.llama import LlamaForCausalLM
+from rocmforge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,13 @@ class DecodeGraphs:
 
     def accepts(self, scheduled: list[ScheduledRequest]) -> bool:
         """A decode-only step this object can run: one new token per request, every request
-        samples, none asks for prompt logprobs (they need hidden states the graph does not
-        keep), and the batch fits the largest captured size."""
+        samples, none asks for prompt logprobs or pools (they need hidden states the graph
+        does not keep), and the batch fits the largest captured size."""
         if not scheduled or len(scheduled) > self.max_batch:
             return False
         return all(
-            item.num_tokens == 1 and item.samples and item.request.params.prompt_logprobs is None
-            and item.start_pos < self.max_model_len
+            item.num_tokens == 1 and item.samples and isinstance(item.request.params, SamplingParams)
+            and item.request.params.prompt_logprobs is None and item.start_pos < self.max_model_len
             for item in scheduled
         )
 

@@ -268,7 +268,7 @@ class EngineLoop:
         self._tracked[rid] = _Tracked(command.sink, request)
         self._board.admitted(request)
         logger.debug("request %s admitted: %d prompt tokens, max_tokens %d, %d waiting", rid,
-                     request.num_prompt_tokens, request.params.max_tokens, self._engine.scheduler.num_waiting,
+                     request.num_prompt_tokens, request.max_tokens, self._engine.scheduler.num_waiting,
                      extra={"request_id": rid})
         self._answer(command.reply, None)
 
@@ -326,6 +326,8 @@ class EngineLoop:
             if output.new_token_ids:
                 self._stats.tokens(tracked.request, len(output.new_token_ids), now, tracked.last_token_time)
                 tracked.last_token_time = now
+            elif output.embedding is not None:
+                self._stats.pooled(tracked.request)
             self._send(tracked.sink, output)
             if output.finished:
                 self._finalize(output.request_id)

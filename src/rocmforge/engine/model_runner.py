@@ -3,13 +3,16 @@
 It holds the model's weights (through the model), the paged KV cache (one K and one V tensor
 per layer, ``[num_blocks + 1, block_size, num_kv_heads, head_dim]``: the last block is the
 scratch block padding rows write to), the decode CUDA graphs with their static buffers
-(:mod:`rocmforge.engine.cuda_graphs`) and each seeded request's random generator. Each step
-it turns the scheduler's integer plan into tensors, runs the model, samples, and hands back
-plain Python values — one host synchronisation per step.
+(:mod:`rocmforge.engine.cuda_graphs`), each seeded request's random generator and each
+embedding request's pooling state across chunks (:mod:`rocmforge.engine.pooler`). Each step
+it turns the scheduler's integer plan into tensors, runs the model, samples, pools, and hands
+back plain Python values — one host synchronisation per step (one more when embedding
+requests finish in it: their vectors' transfer).
 
 In: :class:`~rocmforge.engine.scheduler.SchedulerOutput`.
 Out: :class:`~rocmforge.engine.scheduler.RunnerOutput` (sampled token per sampling request,
-its logprobs, and prompt logprobs for requests that asked for them).
+its logprobs, prompt logprobs for requests that asked for them, and the pooled vector of
+each embedding request the step caught up with its prompt).
 
 Errors at the boundary. torch's device out-of-memory errors (``torch.cuda.OutOfMemoryError``,
 and the CPU allocator's ``RuntimeError`` "can't allocate memory") leave :meth:`execute` as
@@ -40,6 +43,7 @@ import torch
 from rocmforge.attention import AttentionMetadata
 from rocmforge.device import to_device
 from rocmforge.engine.cuda_graphs import DecodeGraphs
+from rocmforge.engine.pooler import Pooler
 from rocmforge.engine.sampler import Sampler, SamplingBatch
 from rocmforge.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
 from rocmforge.errors import DeviceOutOfMemoryError, ModelExecutionError
@@ -100,6 +104,8 @@ class ModelRunner:
         self.masks = MaskFiller()
         """The structured-output bitmask of each step, computed while the forward pass runs."""
         self._generators: dict[str, torch.Generator] = {}
+        self.pooler = Pooler()
+        """Embedding requests' pooling, and its state across chunked-prefill steps."""
         self.decode_graphs = DecodeGraphs(
             model, device=device, block_size=block_size, max_num_seqs=max_num_seqs,
             max_model_len=max_model_len or config.max_context, scratch_slot=num_blocks * block_size,
@@ -182,9 +188,15 @@ class ModelRunner:
                            type(exc).__name__, exc)
             self.decode_graphs = None
 
+    @property
+    def hidden_size(self) -> int:
+        """Length of a pooled embedding before truncation."""
+        return self.model.config.hidden_size
+
     def release(self, request_id: str) -> None:
-        """Forget a finished request's per-request state (its random generator)."""
+        """Forget a finished request's per-request state (its random generator, its pooling)."""
         self._generators.pop(request_id, None)
+        self.pooler.release(request_id)
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Compute one step. torch's out-of-memory errors leave as
@@ -238,7 +250,7 @@ class ModelRunner:
     def _execute_on_device(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
         # The rows that sample are known before the forward pass: their grammar masks are
         # computed meanwhile, on the mask thread; no step ends while one is still in work.
-        pending = self.masks.start([item.request.grammar for item in scheduled if item.samples])
+        pending = self.masks.start([item.request.grammar for item in scheduled if _samples(item)])
         try:
             return self._forward_and_sample(scheduled, pending)
         finally:
@@ -269,11 +281,16 @@ class ModelRunner:
             metadata,
         )
         ends = _query_ends(scheduled)
-        samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if item.samples]
+        samplers = [(item, end - 1) for item, end in zip(scheduled, ends) if _samples(item)]
         if samplers:
             rows = to_device([row for _, row in samplers], self.device)
             self._sample([item for item, _ in samplers], self.model.compute_logits(hidden[rows]), result, pending)
         self._prompt_logprobs(scheduled, ends, hidden, result)
+        poolers = [(item, end - item.num_tokens) for item, end in zip(scheduled, ends) if item.request.is_pooling]
+        if poolers:
+            pooling = self.pooler.pool(poolers, hidden)
+            self.pooler.commit(pooling)  # last: nothing of the step can fail after this
+            result.pooled.update(pooling.vectors)
         return result
 
     def _sample(self, items: list[ScheduledRequest], logits: torch.Tensor, result: RunnerOutput,
@@ -283,7 +300,7 @@ class ModelRunner:
         if logits.shape[-1] != self.vocab_size:
             logits = logits[:, : self.vocab_size]
         batch = SamplingBatch(
-            params=[item.request.params for item in items],
+            params=[_sampling_params(item) for item in items],
             prompt_ids=[item.request.prompt_token_ids for item in items],
             output_ids=[item.request.output_token_ids for item in items],
             generators=[self._generator(item) for item in items],
@@ -297,13 +314,13 @@ class ModelRunner:
         if sampled.logprobs is not None and sampled.top_ids is not None:
             values, top_ids = sampled.logprobs.tolist(), sampled.top_ids.tolist()
             for i, (item, token) in enumerate(zip(items, tokens)):
-                n = item.request.params.logprobs
+                n = _sampling_params(item).logprobs
                 if n is not None:
                     top = list(zip(top_ids[i][:n], values[i][1 : n + 1]))
                     result.logprobs[item.request.request_id] = TokenLogprobs(token, values[i][0], top)
 
     def _generator(self, item: ScheduledRequest) -> torch.Generator | None:
-        seed = item.request.params.seed
+        seed = _sampling_params(item).seed
         if seed is None:
             return None
         request_id = item.request.request_id
@@ -322,7 +339,8 @@ class ModelRunner:
     ) -> None:
         """Row r of a chunk predicts token start_pos + r + 1; keep those inside the prompt."""
         for item, end in zip(scheduled, ends):
-            top_n = item.request.params.prompt_logprobs
+            params = item.request.params
+            top_n = params.prompt_logprobs if isinstance(params, SamplingParams) else None
             if top_n is None:
                 continue
             request = item.request
@@ -352,11 +370,24 @@ def _suppressed(item: ScheduledRequest) -> frozenset[int]:
     """Stop tokens a request may not draw yet: it has fewer than ``min_tokens`` outputs (a
     constrained request's grammar says when it may end instead)."""
     request = item.request
-    params = request.params
+    params = _sampling_params(item)
     if request.num_output_tokens >= params.min_tokens or request.grammar is not None:
         return frozenset()
     eos = frozenset() if params.ignore_eos else request.eos_token_ids
     return eos | frozenset(params.stop_token_ids)
+
+
+def _samples(item: ScheduledRequest) -> bool:
+    """The step samples a token for it (caught up, and a generation request)."""
+    return item.samples and not item.request.is_pooling
+
+
+def _sampling_params(item: ScheduledRequest) -> SamplingParams:
+    """A sampling row's parameters (only generation requests are given rows)."""
+    params = item.request.params
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"request {item.request.request_id} is an embedding request: it does not sample")
+    return params
 
 
 def _query_ends(scheduled: list[ScheduledRequest]) -> list[int]:

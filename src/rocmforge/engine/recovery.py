@@ -161,6 +161,7 @@ def _isolate(runner: StepExecutor, out: SchedulerOutput, batch_error: Exception)
         result.sampled.update(single.sampled)
         result.logprobs.update(single.logprobs)
         result.prompt_logprobs.update(single.prompt_logprobs)
+        result.pooled.update(single.pooled)
     if len(result.failed) == len(scheduled):
         _blame(runner, batch_error)
     return result

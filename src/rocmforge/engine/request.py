@@ -1,4 +1,4 @@
-"""One generation request and its token bookkeeping.
+"""One request (generation or embedding) and its token bookkeeping.
 
 Flows in from the engine (which tokenizes the prompt, fills ``eos_token_ids`` from the
 tokenizer and compiles ``grammar``); the :class:`~rocmforge.engine.scheduler.Scheduler` owns the request's state
@@ -12,6 +12,12 @@ num_computed_tokens + n]`` ("catch computed up to total")::
     all_token_ids   [ p0 p1 p2 p3 p4 p5 | o0 o1 o2 ]      num_tokens = 9
                       \\_____ K/V in the cache _____/ \\__/
                        num_computed_tokens = 8       the next step computes o2, then samples
+
+Two kinds, told apart by the type of ``params``: a generation request
+(:class:`~rocmforge.sampling_params.SamplingParams`) samples a token each time it is caught
+up; an embedding request (:class:`~rocmforge.pooling_params.PoolingParams`) has no output
+tokens: the step that catches it up with its prompt pools the prompt's hidden states instead
+(the model runner), and it finishes there (``stop``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.structured.matcher import GrammarMatcher
 
@@ -40,7 +47,8 @@ class FinishReason(str, Enum):
     """Why a request finished (the OpenAI ``finish_reason`` values plus two of ours)."""
 
     STOP = "stop"
-    """An end-of-sequence token, a stop token id or a stop string."""
+    """An end-of-sequence token, a stop token id or a stop string; an embedding request's
+    pooled vector."""
     LENGTH = "length"
     """``max_tokens`` were generated."""
     CANCELLED = "cancelled"
@@ -59,7 +67,8 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
+    """A generation request's sampling parameters, or an embedding request's pooling ones."""
     eos_token_ids: frozenset[int] = frozenset()
     """The model's end-of-sequence ids (the engine fills them from the tokenizer)."""
     arrival_time: float = field(default_factory=time.monotonic)
@@ -112,6 +121,25 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def is_pooling(self) -> bool:
+        """An embedding request: pooled, never sampled."""
+        return isinstance(self.params, PoolingParams)
+
+    @property
+    def max_tokens(self) -> int:
+        """Most output tokens it may generate (0: an embedding request)."""
+        return self.params.max_tokens if isinstance(self.params, SamplingParams) else 0
+
+    @property
+    def takes_prefix_hits(self) -> bool:
+        """Whether cached prefix blocks may stand in for computing its first tokens: not when
+        every prompt position's output is needed (prompt logprobs; ``mean`` / ``cls``
+        pooling, :attr:`PoolingParams.needs_every_token`)."""
+        if isinstance(self.params, PoolingParams):
+            return not self.params.needs_every_token
+        return self.params.prompt_logprobs is None
 
     @property
     def is_finished(self) -> bool:

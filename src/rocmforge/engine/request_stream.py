@@ -13,8 +13,9 @@ from typing import Protocol
 
 from rocmforge.engine.async_commands import Sink
 from rocmforge.engine.request import FinishReason
-from rocmforge.errors import EngineDeadError, ModelExecutionError, RequestNotFoundError
-from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.errors import EngineDeadError, ModelExecutionError, RequestCancelledError, RequestNotFoundError
+from rocmforge.outputs import Completion, EmbeddingOutput, RequestOutput, TokenLogprobs
+from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 
 
@@ -39,7 +40,7 @@ class RequestStream:
     out cancels it too)."""
 
     def __init__(
-        self, engine: StreamOwner, sink: Sink, prompt_token_ids: list[int], params: SamplingParams
+        self, engine: StreamOwner, sink: Sink, prompt_token_ids: list[int], params: SamplingParams | PoolingParams
     ) -> None:
         self._engine = engine
         self._sink = sink
@@ -104,11 +105,29 @@ class RequestStream:
             token_ids=self._token_ids,
             text=text,
             finish_reason=reason,
-            logprobs=self._logprobs if self._params.logprobs is not None else None,
+            logprobs=self._logprobs if isinstance(self._params, SamplingParams) and self._params.logprobs is not None
+            else None,
             prompt_logprobs=self._prompt_logprobs,
             stop_reason=stop_reason,
             num_cached_tokens=self._num_cached_tokens,
         )
+
+    async def embedding(self) -> EmbeddingOutput:
+        """Read an embedding request's stream (its one output) and return the vector.
+
+        Raises :class:`EngineDeadError` / :class:`ModelExecutionError` if the request failed,
+        and :class:`RequestCancelledError` if it was cancelled (there is no partial vector)."""
+        async for _ in self:
+            pass
+        final = self._final
+        if final is not None and final.finish_reason == FinishReason.ERROR.value:
+            error_type = ModelExecutionError if self._engine.is_alive else EngineDeadError
+            raise error_type(final.error or "the request failed")
+        if final is None or final.embedding is None:
+            why = final.error if final is not None and final.error else "the request was cancelled"
+            raise RequestCancelledError(why)
+        return EmbeddingOutput(request_id=self.request_id, prompt_token_ids=self._prompt_token_ids,
+                               embedding=final.embedding, num_cached_tokens=final.num_cached_tokens)
 
     async def cancel(self) -> bool:
         """Cancel the request; the stream still ends with its ``cancelled`` output."""

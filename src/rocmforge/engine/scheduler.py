@@ -6,6 +6,12 @@ The engine step is three calls::
     result = runner.execute(out)        # RunnerOutput: one sampled token per sampling request
     scheduler.update(out, result)       # advance, append, check stops, free finished blocks
 
+An embedding request (``Request.is_pooling``) is scheduled like a prefill: its prompt in chunks
+within the token budget, batched with everything else; the step that catches it up gets a
+pooled vector from the runner instead of a token (``RunnerOutput.pooled``, opaque here), and
+``update`` finishes it (``stop``), freeing its blocks. It takes prefix-cache hits only when its
+pooling reads the last token alone (``Request.takes_prefix_hits``).
+
 Flows in: :class:`Request` objects from the engine (``add_request``), cancellations and
 stop-string hits (``finish_request``) and the runner's :class:`RunnerOutput`. Flows out:
 :class:`SchedulerOutput` to the runner and, from ``update``, the requests that got tokens.
@@ -42,6 +48,7 @@ from rocmforge.errors import (
     OverloadedError,
     RequestNotFoundError,
 )
+from rocmforge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +66,8 @@ class ScheduledRequest:
     num_tokens: int
     """Tokens to compute this step: ``all_token_ids[start_pos : start_pos + num_tokens]``."""
     samples: bool
-    """After this step the request is caught up with all its tokens: sample one next token."""
+    """After this step the request is caught up with all its tokens: sample one next token
+    (an embedding request: pool its prompt instead)."""
 
     @property
     def token_ids(self) -> list[int]:
@@ -94,6 +102,9 @@ class RunnerOutput:
     failed: dict[str, str] = field(default_factory=dict)
     """request id -> error message, for scheduled requests the runner could not compute
     (the others in the batch went on): ``update`` finishes them with ``error``."""
+    pooled: dict[str, Any] = field(default_factory=dict)
+    """request id -> the pooled embedding, for every scheduled embedding request with
+    ``samples``; opaque here, passed through to the engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,33 +168,35 @@ class Scheduler:
         fresh = not (request.num_computed_tokens or request.block_ids)
         if request.state is not RequestState.QUEUED or not fresh:
             raise InvalidRequestError(f"request {rid!r} is not a new request")
-        self.check_length(request.num_prompt_tokens, request.params.max_tokens)
+        self.check_length(request.num_prompt_tokens, request.max_tokens)
         cfg = self.scheduler_config
         if len(self.waiting) >= cfg.max_waiting:
             raise OverloadedError(f"the waiting queue is full ({cfg.max_waiting} requests)")
         self._live[rid] = request
         self.waiting.append(request)
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Raise unless a prompt of this length with this ``max_tokens`` can ever run: it fits
-        the context window and, at its peak, the whole KV pool."""
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "max_tokens") -> None:
+        """Raise unless a prompt of this length with this ``max_tokens`` (0: an embedding
+        request) can ever run: it fits the context window and, at its peak, the whole KV
+        pool. The errors name ``param``."""
         n = num_prompt_tokens
         if n == 0:
             raise InvalidRequestError("the prompt must not be empty", param="prompt")
+        what = f"the prompt has {n} tokens" + (f" and max_tokens is {max_tokens}" if max_tokens else "")
         if n + max_tokens > self.max_model_len:
             raise ContextLengthExceededError(
-                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens} "
-                f"tokens exceed the context window of {self.max_model_len}",
-                param="max_tokens",
+                f"{what}: {n + max_tokens} tokens exceed the context window of {self.max_model_len}",
+                param=param,
             )
-        # The last sampled token is never fed back, so the K/V peak is n + max_tokens - 1.
+        # The last sampled token is never fed back, so the K/V peak is n + max_tokens - 1
+        # (an embedding request's: its n prompt tokens).
+        peak = n + max(max_tokens, 1) - 1
         bm = self.block_manager
-        if bm.blocks_needed(n + max_tokens - 1) > bm.num_blocks:
+        if bm.blocks_needed(peak) > bm.num_blocks:
             capacity = bm.num_blocks * bm.block_size
             raise ContextLengthExceededError(
-                f"the prompt has {n} tokens and max_tokens is {max_tokens}: {n + max_tokens - 1} "
-                f"tokens of KV cache exceed the whole pool of {capacity} tokens",
-                param="max_tokens",
+                f"{what}: {peak} tokens of KV cache exceed the whole pool of {capacity} tokens",
+                param=param,
             )
 
     def finish_request(
@@ -231,8 +244,8 @@ class Scheduler:
             and len(self.running) < limits.max_num_seqs
         ):
             request = self.waiting[0]
-            # Prompt logprobs need every prompt position computed: no prefix hits then.
-            if request.params.prompt_logprobs is None:
+            # Prompt logprobs and mean / cls pooling need every prompt position computed.
+            if request.takes_prefix_hits:
                 hit_blocks, num_cached = bm.get_computed_blocks(request)
             else:
                 hit_blocks, num_cached = [], 0
@@ -259,8 +272,8 @@ class Scheduler:
         )
 
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
-        """Apply the runner's result; return the requests that got a new token this step
-        (finished ones included)."""
+        """Apply the runner's result; return the requests that got a new token or, embedding
+        requests, their pooled vector this step (finished ones included)."""
         bm = self.block_manager
         updated: list[Request] = []
         any_finished = False
@@ -277,6 +290,16 @@ class Scheduler:
             request.num_computed_tokens += item.num_tokens
             bm.cache_full_blocks(request)
             if not item.samples:
+                continue
+            if request.is_pooling:
+                pooled = request.request_id in result.pooled
+                if not pooled:
+                    logger.error("runner returned no embedding for request %s", request.request_id,
+                                 extra={"request_id": request.request_id})
+                self._finish(request, FinishReason.STOP if pooled else FinishReason.ERROR,
+                             None if pooled else "the model runner returned no embedding")
+                any_finished = True
+                updated.append(request)
                 continue
             token = result.sampled.get(request.request_id)
             if token is None:
@@ -427,6 +450,8 @@ class Scheduler:
     @staticmethod
     def _stop_reason(request: Request, token: int) -> FinishReason | None:
         params = request.params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"request {request.request_id} samples no tokens")
         if request.num_output_tokens >= params.min_tokens and (
             (token in request.eos_token_ids and not params.ignore_eos)
             or token in params.stop_token_ids

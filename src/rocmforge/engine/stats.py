@@ -12,7 +12,8 @@ This module knows nothing about Prometheus; :mod:`rocmforge.server.metrics` expo
 Counting rules (none of them double counts a preempted and recomputed request):
 
 * a prompt counts once, in the round that sampled the request's first token (prefix-cache
-  hits included: those tokens were served, just not computed);
+  hits included: those tokens were served, just not computed), or, an embedding request's, in
+  the round that delivered its vector (then it counts in ``num_pooled_tokens`` too);
 * a generated token counts in the round that delivered it; tokens are never re-emitted;
 * preemptions and prefix-cache queries / hits are deltas of the scheduler's cumulative
   counters since the previous report.
@@ -69,6 +70,10 @@ class IterationStats:
     """Prompt tokens of the requests that got their first token in this round."""
     num_generation_tokens: int = 0
     """Output tokens delivered in this round."""
+    num_embeddings: int = 0
+    """Embedding vectors delivered in this round (one per embedding request)."""
+    num_pooled_tokens: int = 0
+    """Prompt tokens of those embedding requests (pooled into their vectors)."""
     num_preemptions: int = 0
     prefix_cache_queries: int = 0
     """Tokens looked up in the prefix cache."""
@@ -137,6 +142,14 @@ class StatsCollector:
             iteration.time_to_first_tokens.append(first - request.arrival_time)
         else:
             iteration.inter_token_latencies.append(now - last)
+
+    def pooled(self, request: Request) -> None:
+        """A step delivered the embedding of ``request``: its prompt is served."""
+        iteration = self.collecting()
+        if iteration is not None:
+            iteration.num_embeddings += 1
+            iteration.num_pooled_tokens += request.num_prompt_tokens
+            iteration.num_prompt_tokens += request.num_prompt_tokens
 
     def finished(self, stats: FinishedRequestStats) -> None:
         iteration = self.collecting()

@@ -16,6 +16,7 @@ from typing import Any
 
 from rocmforge.errors import MissingMetadataError, ModelLoadError
 from rocmforge.models.registry import ArchSpec, get_arch
+from rocmforge.pooling_params import GGUF_POOLING_TYPES
 
 MIN_CONTEXT = 2
 """The shortest context the engine can run (a prompt token and one generated token)."""
@@ -44,6 +45,9 @@ class ModelConfig:
     rope_theta: float
     max_context: int
     rope_scaling: RopeScaling | None = None
+    pooling_type: str | None = None
+    """``{arch}.pooling_type`` by llama.cpp's name (``none`` | ``mean`` | ``cls`` | ``last`` |
+    ``rank``); None when the file has no such key (a generation model)."""
 
     @property
     def q_size(self) -> int:
@@ -113,7 +117,18 @@ class ModelConfig:
             rope_theta=keys.get_float("rope.freq_base", default=arch.default_rope_theta),
             max_context=keys.get_int("context_length", minimum=MIN_CONTEXT),
             rope_scaling=_rope_scaling(keys),
+            pooling_type=_pooling_type(keys),
         )
+
+
+def _pooling_type(keys: _Keys) -> str | None:
+    value = keys.get("pooling_type")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value not in GGUF_POOLING_TYPES:
+        known = ", ".join(f"{k} ({name})" for k, name in GGUF_POOLING_TYPES.items())
+        raise ModelLoadError(f"metadata {keys.name('pooling_type')} must be one of {known}, got {reprlib.repr(value)}")
+    return GGUF_POOLING_TYPES[value]
 
 
 def _rope_scaling(keys: _Keys) -> RopeScaling | None:

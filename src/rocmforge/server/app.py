@@ -23,7 +23,7 @@ from rocmforge import __version__
 from rocmforge.device import memory_usage
 from rocmforge.engine.memory import MemoryPlan
 from rocmforge.sampling_params import SamplingParams
-from rocmforge.server import anthropic_api, native, ollama_api, openai_api
+from rocmforge.server import anthropic_api, embeddings_api, native, ollama_api, openai_api
 from rocmforge.server.errors import install_error_handlers
 from rocmforge.server.metrics import HttpMetrics, HttpMetricsMiddleware, make_registry, render
 from rocmforge.server.middleware import RequestContextMiddleware
@@ -67,6 +67,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(anthropic_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(embeddings_api.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -78,6 +78,13 @@ class PrometheusStatsLogger:
         self.generation_tokens = Counter(
             "rocmforge_generation_tokens", "Generated tokens delivered", registry=registry,
         )
+        self.embeddings = Counter(
+            "rocmforge_embedding_requests", "Embedding requests that delivered their vector", registry=registry,
+        )
+        self.pooled_tokens = Counter(
+            "rocmforge_pooled_tokens", "Prompt tokens pooled into embeddings (also in rocmforge_prompt_tokens)",
+            registry=registry,
+        )
         self.preemptions = Counter(
             "rocmforge_num_preemptions", "Requests preempted for lack of KV blocks", registry=registry,
         )
@@ -131,6 +138,9 @@ class PrometheusStatsLogger:
             self.prompt_tokens.inc(stats.num_prompt_tokens)
         if stats.num_generation_tokens:
             self.generation_tokens.inc(stats.num_generation_tokens)
+        if stats.num_embeddings:
+            self.embeddings.inc(stats.num_embeddings)
+            self.pooled_tokens.inc(stats.num_pooled_tokens)
         if stats.num_preemptions:
             self.preemptions.inc(stats.num_preemptions)
         if stats.prefix_cache_queries:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -20,15 +20,19 @@ from fastapi.responses import JSONResponse
 from rocmforge.engine.request_status import RequestStatus
 from rocmforge.engine.request_stream import RequestStream
 from rocmforge.errors import InvalidGrammarError, ServerDrainingError
-from rocmforge.outputs import Completion, RequestOutput, TokenLogprobs
+from rocmforge.outputs import Completion, EmbeddingOutput, RequestOutput, TokenLogprobs
+from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.protocol import structured_param
 from rocmforge.server.state import ServerState
 
 DISCONNECT_POLL_S = 0.2
 
+T = TypeVar("T")
 
-async def submit(state: ServerState, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> RequestStream:
+
+async def submit(state: ServerState, prompt_ids: Sequence[int], params: SamplingParams | PoolingParams,
+                 request_id: str) -> RequestStream:
     if state.draining:
         raise ServerDrainingError("the server is shutting down and accepts no new requests")
     try:
@@ -40,7 +44,19 @@ async def submit(state: ServerState, prompt_ids: Sequence[int], params: Sampling
 async def results_or_disconnect(request: Request, streams: list[RequestStream]) -> list[Completion] | None:
     """Wait for every stream's completion; if the client goes away first, cancel them all
     and return None."""
-    gathered = asyncio.ensure_future(asyncio.gather(*(s.result() for s in streams)))
+    return await awaited_or_disconnect(request, streams, [s.result() for s in streams])
+
+
+async def embeddings_or_disconnect(request: Request, streams: list[RequestStream]) -> list[EmbeddingOutput] | None:
+    """:func:`results_or_disconnect` for embedding requests' streams."""
+    return await awaited_or_disconnect(request, streams, [s.embedding() for s in streams])
+
+
+async def awaited_or_disconnect(request: Request, streams: list[RequestStream],
+                                results: list[Coroutine[Any, Any, T]]) -> list[T] | None:
+    """Wait for ``results`` (one per stream, read from it); if the client goes away first,
+    cancel every stream and return None."""
+    gathered = asyncio.ensure_future(asyncio.gather(*results))
     # A cancelled gather ends with a CancelledError *exception*: mark it retrieved, or asyncio
     # logs "exception was never retrieved" with a traceback for every client that went away.
     gathered.add_done_callback(_retrieve_exception)

@@ -56,6 +56,9 @@ class SyntheticSpec:
     """``tokenizer.chat_template`` (tests write hostile ones)."""
     extra_control_tokens: tuple[str, ...] = ()
     """Control tokens besides ChatML's (a family's markers: ``[TOOL_CALLS]``, ``<|python_tag|>``)."""
+    pooling_type: int | None = None
+    """``{arch}.pooling_type`` (llama.cpp's enum: 0 none, 1 mean, 2 cls, 3 last, 4 rank);
+    None: the key is not written (a generation model)."""
 
     @property
     def head_dim(self) -> int:
@@ -157,6 +160,8 @@ def _write_metadata(writer: GGUFWriter, spec: SyntheticSpec) -> None:
     if spec.rope_scaling and spec.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf_constants.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(spec.rope_scaling["factor"])
+    if spec.pooling_type is not None:
+        writer.add_pooling_type(gguf_constants.PoolingType(spec.pooling_type))
     control = (*SPECIAL_TOKENS, *spec.extra_control_tokens)
     tokens, merges = _vocabulary(spec.vocab_size, control)
     writer.add_tokenizer_model("gpt2")
