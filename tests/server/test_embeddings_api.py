@@ -231,3 +231,53 @@ def test_a_server_without_pooling_says_how_to_enable_it(base_url: str) -> None:
     with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as oai:
         with pytest.raises(openai.BadRequestError, match="--pooling"):
             oai.embeddings.create(model=MODEL_NAME, input="hello")
+
+
+# --- Ollama's embedding routes, on the same engine path ---------------------------------------
+
+
+def test_ollama_embed_equals_the_openai_route(embed_server: Server, oai: openai.OpenAI) -> None:
+    import ollama
+
+    texts = ["The quick brown fox", "Hello, world!", "1, 2, 3"]
+    reference = _vectors(oai.embeddings.create(model=MODEL_NAME, input=texts, encoding_format="float"))
+    client = ollama.Client(host=embed_server.url)
+    answer = client.embed(model=f"{MODEL_NAME}:latest", input=texts)
+    assert answer.model == f"{MODEL_NAME}:latest" and answer.prompt_eval_count > 0
+    got = [np.asarray(v, dtype=np.float64) for v in answer.embeddings]
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(got, reference))
+    assert all(abs(np.linalg.norm(v) - 1.0) < 1e-5 for v in got)
+    [short] = client.embed(model=MODEL_NAME, input=texts[0], dimensions=8).embeddings
+    assert len(short) == 8 and abs(np.linalg.norm(short) - 1.0) < 1e-5
+    legacy = client.embeddings(model=MODEL_NAME, prompt=texts[0]).embedding
+    raw = _vectors(oai.embeddings.create(model=MODEL_NAME, input=texts[0], extra_body={"normalize": False}))[0]
+    assert np.allclose(legacy, raw, atol=1e-6) and abs(np.linalg.norm(legacy) - 1.0) > 1e-3
+
+
+def test_ollama_embed_truncates_long_inputs_unless_told_not_to(http: httpx.Client) -> None:
+    long = "The quick brown fox jumps over the lazy dog. " * 400  # far past the 4096-token context
+    cut = http.post("/api/embed", json={"model": MODEL_NAME, "input": long})
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["prompt_eval_count"] == 4096
+    refused = http.post("/api/embed", json={"model": MODEL_NAME, "input": long, "truncate": False})
+    assert refused.status_code == 400 and "context" in refused.json()["error"], refused.text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"model": MODEL_NAME, "input": []}, 400, "input"),
+    ({"model": MODEL_NAME, "input": ""}, 400, "input"),
+    ({"model": MODEL_NAME, "input": [1, 2]}, 400, "input"),
+    ({"model": MODEL_NAME, "input": "x", "dimensions": 0}, 400, "dimensions"),
+    ({"model": "other", "input": "x"}, 404, "not found"),
+    ({"input": "x"}, 400, "model"),
+])
+def test_bad_ollama_embed_bodies(http: httpx.Client, body: dict, status: int, words: str) -> None:
+    response = http.post("/api/embed", json=body)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == {"error"} and words in response.json()["error"], response.text
+    assert http.post("/api/embed", json={"model": MODEL_NAME, "input": "still serving"}).status_code == 200
+
+
+def test_ollama_embed_without_pooling_is_a_400(base_url: str) -> None:
+    response = httpx.post(f"{base_url}/api/embed", json={"model": MODEL_NAME, "input": "x"}, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 400 and "--pooling" in response.json()["error"]

@@ -1,5 +1,6 @@
-"""Ollama's API: ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``,
-``/api/version``, and ``GET /`` ("Ollama is running"), so Ollama's clients work unchanged.
+"""Ollama's API: ``/api/generate``, ``/api/chat``, ``/api/embed`` (and the older
+``/api/embeddings``), ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``, and ``GET /``
+("Ollama is running"), so Ollama's clients work unchanged.
 
 In: Ollama's JSON bodies (:mod:`rocmforge.server.ollama_protocol`). Out: JSON, or when
 ``stream`` is true (Ollama's default) NDJSON: one object per line, ``done: false`` with each
@@ -44,13 +45,15 @@ from rocmforge.errors import (
     UnsupportedOperationError,
 )
 from rocmforge.outputs import TokenLogprobs
+from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server import error_shapes
 from rocmforge.server.chat_output import ChatOutput, chat_output, tool_sampling
+from rocmforge.server.embeddings_api import EmbeddingInput, embed_inputs
 from rocmforge.server.error_shapes import ErrorInfo
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.ollama_models import ModelCard, model_card, rfc3339, verbose_model_info
-from rocmforge.server.ollama_protocol import ChatBody, GenerateBody, ModelBody
+from rocmforge.server.ollama_protocol import ChatBody, EmbedBody, GenerateBody, LegacyEmbeddingsBody, ModelBody
 from rocmforge.server.prompts import encode_chat, encode_text, off_loop
 from rocmforge.server.protocol import ChatMessage
 from rocmforge.server.state import ServerState
@@ -363,6 +366,45 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse | dict[str,
     generation = _Generation(state, stream, card.name, chat=True, parser=ReplyParser(output),
                              started_ns=started, context=None)
     return await generation.answer(request, body.stream)
+
+
+# --- /api/embed, /api/embeddings ------------------------------------------------------------
+
+
+@router.post("/api/embed", response_model=None)
+async def embed(request: Request) -> JSONResponse | dict[str, Any]:
+    """Ollama's embeddings: unit vectors, one per input, through the engine's pooling (the
+    same path as ``/v1/embeddings``); with ``truncate`` (the default) an input longer than the
+    context is cut to it."""
+    started = time.perf_counter_ns()
+    state = _state(request)
+    body = await _body(request, EmbedBody)
+    card = await _served(state, body.model)
+    inputs: list[EmbeddingInput] = list(body.inputs())
+    if body.truncate:
+        limit = state.engine.max_model_len
+        # Tokenized whole (the body limit bounds the work), then cut: no length check first.
+        inputs = [(await off_loop(state, state.tokenizer.encode, text, True))[:limit] if text else text
+                  for text in body.inputs()]
+    result = await embed_inputs(state, request, inputs, PoolingParams(dimensions=body.dimensions),
+                                request_id_of(request) or uuid.uuid4().hex)
+    if result is None:  # the client went away; its requests were cancelled
+        return JSONResponse({}, status_code=499)
+    return {"model": card.name, "embeddings": result.vectors, "total_duration": time.perf_counter_ns() - started,
+            "load_duration": 0, "prompt_eval_count": result.prompt_tokens}
+
+
+@router.post("/api/embeddings", response_model=None)
+async def embeddings(request: Request) -> JSONResponse | dict[str, Any]:
+    """Ollama's older route: one ``prompt``, its pooled vector as it is (not normalised)."""
+    state = _state(request)
+    body = await _body(request, LegacyEmbeddingsBody)
+    await _served(state, body.model)
+    result = await embed_inputs(state, request, [body.prompt], PoolingParams(normalize=False),
+                                request_id_of(request) or uuid.uuid4().hex)
+    if result is None:
+        return JSONResponse({}, status_code=499)
+    return {"embedding": result.vectors[0]}
 
 
 # --- the model: /api/tags, /api/show, /api/ps, /api/version, / ---------------------------------

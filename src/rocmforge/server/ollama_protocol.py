@@ -343,3 +343,28 @@ class ModelBody(_Strict):
         if not name:
             raise InvalidRequestError("model is required", param="model")
         return name
+
+
+class EmbedBody(_Strict):
+    """``POST /api/embed``: ``input`` text or texts; ``truncate`` (default true) cuts each
+    input to the context window instead of refusing it; ``dimensions`` keeps the first N."""
+
+    model: Text | None = None
+    input: Text | Annotated[list[Text], Field(min_length=1)]
+    truncate: StrictBool = True
+    dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
+    options: Options | None = None
+    """Accepted: no option changes an embedding."""
+    keep_alive: KeepAlive | None = None
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class LegacyEmbeddingsBody(_Strict):
+    """``POST /api/embeddings`` (Ollama's older route): one ``prompt``, its vector unnormalised."""
+
+    model: Text | None = None
+    prompt: Text
+    options: Options | None = None
+    keep_alive: KeepAlive | None = None
