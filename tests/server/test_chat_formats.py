@@ -249,3 +249,16 @@ def test_anthropic_thinking_blocks(thinker: openai.OpenAI) -> None:
     for reply in (message, streamed):
         assert [b.type for b in reply.content] == ["thinking"] and reply.stop_reason == "max_tokens"
         assert reply.content[0].thinking == reasoning
+
+
+def test_a_constrained_reply_is_not_read_for_reasoning(thinker: openai.OpenAI) -> None:
+    """The prompt opened a think block, but a forced call (or a schema) binds the reply from
+    its first token: it is the call, not reasoning."""
+    forced = thinker.chat.completions.create(model="thinker", messages=MESSAGES, seed=0, **FORCED).choices[0]
+    assert forced.finish_reason == "tool_calls" and "reasoning_content" not in (forced.message.model_extra or {})
+    assert [c.function.name for c in forced.message.tool_calls] == ["get_weather"]
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]}
+    shaped = thinker.chat.completions.create(
+        model="thinker", messages=MESSAGES, max_tokens=20, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}).choices[0].message
+    assert json.loads(shaped.content)["a"] in ("x", "y") and "reasoning_content" not in (shaped.model_extra or {})

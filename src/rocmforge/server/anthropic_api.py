@@ -31,7 +31,7 @@ from rocmforge.engine.request_stream import RequestStream
 from rocmforge.errors import InvalidGrammarError, ModelNotFoundError, RocmForgeError
 from rocmforge.server import error_shapes
 from rocmforge.server.anthropic_protocol import Conversation, CountTokensRequest, MessagesRequest
-from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, tool_sampling
+from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, json_reply, tool_sampling
 from rocmforge.server.error_shapes import ErrorInfo
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.prompts import encode_chat
@@ -153,10 +153,10 @@ def _message(message_id: str, model: str, content: list[dict[str, Any]], stop: t
 async def messages(body: MessagesRequest, request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     state = _state(request)
     prompt = await _prompt(state, body)
-    output = chat_output(state, prompt, body.calls_tools)
     grammar, kept = tool_sampling(state, body.forced_tools(), parallel=body.parallel_tool_use,
                                   calls_tools=body.calls_tools)
     params = body.to_sampling_params(tool_grammar=grammar, keep_special_token_ids=kept)
+    output = chat_output(state, prompt, body.calls_tools, json_only=json_reply(params, grammar is not None))
     request_id = request_id_of(request) or uuid.uuid4().hex
     try:
         stream = await submit(state, prompt, params, request_id)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rocmforge.sampling_params import SamplingParams
 from rocmforge.server.reasoning import ReasoningFormat, ReasoningStream
 from rocmforge.server.state import ChatStats, ServerState
 from rocmforge.server.tool_calls import ParsedToolCall, ToolCallStream, ToolFormat
@@ -118,9 +119,20 @@ def tool_sampling(state: ServerState, forced_tools: Sequence[dict[str, Any]] | N
     return grammar, tuple(kept)
 
 
-def chat_output(state: ServerState, prompt_ids: Sequence[int], calls_tools: bool) -> ChatOutput:
-    """How the replies to a prompt are read on this server."""
-    reasoning = state.reasoning_format
+def json_reply(params: SamplingParams, forced_call: bool) -> bool:
+    """Whether a grammar makes the whole reply JSON (or a forced call) from its first token:
+    a JSON schema or object, or ``tool_choice`` forcing a call. A regex or grammar may spell
+    out a think block itself; these cannot."""
+    structured = params.structured
+    return forced_call or (structured is not None and structured.kind in ("json", "json_object"))
+
+
+def chat_output(state: ServerState, prompt_ids: Sequence[int], calls_tools: bool, *,
+                json_only: bool = False) -> ChatOutput:
+    """How the replies to a prompt are read on this server. A ``json_only`` reply
+    (:func:`json_reply`) is not read for reasoning: it holds no think block, even where the
+    prompt opened one."""
+    reasoning = None if json_only else state.reasoning_format
     inside = False
     if reasoning is not None:
         tail = state.tokenizer.decode(list(prompt_ids[-PROMPT_TAIL_TOKENS:]))

@@ -48,7 +48,7 @@ from rocmforge.outputs import TokenLogprobs
 from rocmforge.pooling_params import PoolingParams
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server import error_shapes
-from rocmforge.server.chat_output import ChatOutput, chat_output, tool_sampling
+from rocmforge.server.chat_output import ChatOutput, chat_output, json_reply, tool_sampling
 from rocmforge.server.embeddings_api import EmbeddingInput, embed_inputs
 from rocmforge.server.error_shapes import ErrorInfo
 from rocmforge.server.errors import request_id_of
@@ -315,7 +315,8 @@ async def generate(request: Request) -> JSONResponse | StreamingResponse | dict[
     prompt = [*(body.context or ()), *ids]
     params = body.sampling_params(_max_tokens(state, len(prompt), body.num_predict))
     stream = await _start(state, request, prompt, params)
-    parser = ReplyParser(chat_output(state, prompt, calls_tools=False) if not body.raw else ChatOutput())
+    output = chat_output(state, prompt, calls_tools=False, json_only=json_reply(params, False))
+    parser = ReplyParser(output if not body.raw else ChatOutput())
     generation = _Generation(state, stream, card.name, chat=False, parser=parser,
                              started_ns=started, context=None if body.raw else prompt)
     return await generation.answer(request, body.stream)
@@ -358,10 +359,10 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse | dict[str,
     _check_think(state, body.think)
     tools = body.tool_dicts()
     ids = await encode_chat(state, body.chat_messages(), tools, _think_variables(body.think))
-    output = chat_output(state, ids, calls_tools=tools is not None)
     _, kept = tool_sampling(state, None, parallel=True, calls_tools=tools is not None)
     params = replace(body.sampling_params(_max_tokens(state, len(ids), body.num_predict)),
                      keep_special_token_ids=kept)
+    output = chat_output(state, ids, calls_tools=tools is not None, json_only=json_reply(params, False))
     stream = await _start(state, request, ids, params)
     generation = _Generation(state, stream, card.name, chat=True, parser=ReplyParser(output),
                              started_ns=started, context=None)

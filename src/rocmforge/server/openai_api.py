@@ -22,7 +22,7 @@ from rocmforge.errors import InvalidGrammarError, InvalidRequestError, ModelNotF
 from rocmforge.outputs import Completion, TokenLogprobs
 from rocmforge.sampling_params import SamplingParams
 from rocmforge.server import anthropic_api
-from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, tool_sampling
+from rocmforge.server.chat_output import ChatOutput, ParsedReply, ReplyDelta, chat_output, json_reply, tool_sampling
 from rocmforge.server.errors import request_id_of
 from rocmforge.server.prompts import check_fanout, decode, encode_chat, encode_texts
 from rocmforge.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -227,12 +227,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     _check_model(state, body.model)
     check_fanout(state, 1, body.n)
     prompt = await encode_chat(state, body.messages, body.tool_dicts(), body.chat_template_kwargs)
-    output = chat_output(state, prompt, body.calls_tools)
     grammar, kept = tool_sampling(state, body.forced_tools(), parallel=body.parallel_tool_calls,
                                   calls_tools=body.calls_tools)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = body.to_sampling_params(_max_tokens(state, len(prompt), requested), tool_grammar=grammar,
                                        keep_special_token_ids=kept)
+    output = chat_output(state, prompt, body.calls_tools, json_only=json_reply(sampling, grammar is not None))
     params = _choices_params(sampling, body.n)
     request_id = request_id_of(request) or uuid.uuid4().hex
     try:
