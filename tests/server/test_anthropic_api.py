@@ -177,7 +177,7 @@ def test_a_named_tool_choice_calls_that_tool(claude: anthropic.Anthropic) -> Non
                                      extra_body={"temperature": 0})
     assert message.stop_reason == "tool_use" and message.stop_sequence is None
     [call] = message.content
-    assert call.type == "tool_use" and call.name == "get_time" and call.id.startswith("toolu_")
+    assert call.type == "tool_use" and call.name == "get_time" and call.id.startswith("call_")
     assert _valid_input(call.name, call.input), call
 
 

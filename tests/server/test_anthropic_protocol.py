@@ -14,6 +14,7 @@ from rocmforge.server.anthropic_protocol import MessagesRequest
 from rocmforge.server.chat_output import ChatOutput
 from rocmforge.server.reasoning import ReasoningFormat
 from rocmforge.server.tool_calls.hermes import HermesFormat
+from rocmforge.server.tool_calls.mistral import MistralFormat
 
 TOOL = {"name": "lookup", "description": "Look a word up", "input_schema": {
     "type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}
@@ -147,8 +148,8 @@ def test_blocks_streamed_equal_the_whole_reply(size: int) -> None:
     cat, dog = ({"type": "tool_use", "name": "lookup", "input": {"word": w}} for w in ("cat", "dog"))
     assert _whole(TOOLS, output, parallel=True) == [text, cat, dog]
     assert _whole(TOOLS, output, parallel=False) == [text, cat]
-    assert _streamed(TOOLS, output, parallel=True, size=size) == [{**text, "text": "Sure.\n"}, cat, dog]
-    assert _streamed(TOOLS, output, parallel=False, size=size) == [{**text, "text": "Sure.\n"}, cat]
+    assert _streamed(TOOLS, output, parallel=True, size=size) == [text, cat, dog]
+    assert _streamed(TOOLS, output, parallel=False, size=size) == [text, cat]
     thought = "<think>Which word?</think>" + CALL
     thinking = {"type": "thinking", "thinking": "Which word?", "signature": ""}
     assert _whole(THINKING_TOOLS, thought, parallel=True) == [thinking, cat]
@@ -157,9 +158,12 @@ def test_blocks_streamed_equal_the_whole_reply(size: int) -> None:
         {"type": "text", "text": "No call at all <tool"}]
 
 
-def test_tool_use_ids_are_anthropic_shaped_and_unique() -> None:
+def test_tool_use_ids_are_the_formats_and_unique() -> None:
+    """The format's ids (Mistral's templates take back only their nine-character ones)."""
     blocks = _content(TOOLS.parse(CALL + "\n" + CALL), True)
-    assert all(b["id"].startswith("toolu_") for b in blocks) and blocks[0]["id"] != blocks[1]["id"]
+    assert all(b["id"].startswith("call_") for b in blocks) and blocks[0]["id"] != blocks[1]["id"]
+    [mistral] = _content(ChatOutput(tools=MistralFormat()).parse('[TOOL_CALLS][{"name": "f", "arguments": {}}]'), True)
+    assert len(mistral["id"]) == 9 and mistral["id"].isalnum()
 
 
 def test_a_call_without_an_input_object_is_text() -> None:

@@ -183,12 +183,19 @@ def test_thinking_switched_off_through_the_template(thinker: openai.OpenAI) -> N
     assert "reasoning_content" not in (message.model_extra or {}) and message.content
 
 
-@pytest.mark.parametrize("variables", [{"messages": []}, {"bos_token": "x"}, {"not a name": 1}])
+@pytest.mark.parametrize("variables", [{"messages": []}, {"bos_token": "x"}, {"not a name": 1},
+                                       {"special_tokens_in_content": True}])
 def test_reserved_template_variables_are_400s(thinker: openai.OpenAI, variables: dict) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         thinker.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=2,
                                         extra_body={"chat_template_kwargs": variables})
     assert info.value.body["param"] == "chat_template_kwargs"
+
+
+def test_template_variables_named_like_the_servers_own_parameters_are_just_variables(thinker: openai.OpenAI) -> None:
+    reply = thinker.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=2,
+                                            extra_body={"chat_template_kwargs": {"state": 1, "fn": 2, "render": 3}})
+    assert reply.choices[0].finish_reason == "length"
 
 
 def test_a_reply_cut_off_while_reasoning_is_all_reasoning(thinker: openai.OpenAI) -> None:

@@ -281,3 +281,10 @@ def test_bad_ollama_embed_bodies(http: httpx.Client, body: dict, status: int, wo
 def test_ollama_embed_without_pooling_is_a_400(base_url: str) -> None:
     response = httpx.post(f"{base_url}/api/embed", json={"model": MODEL_NAME, "input": "x"}, timeout=HTTP_TIMEOUT)
     assert response.status_code == 400 and "--pooling" in response.json()["error"]
+
+
+def test_ollama_show_lists_embedding_as_a_capability(embed_server: Server) -> None:
+    import ollama
+
+    shown = ollama.Client(host=embed_server.url).show(MODEL_NAME)
+    assert "embedding" in shown.capabilities and "completion" in shown.capabilities

@@ -282,7 +282,7 @@ def test_a_streamed_hermes_reply_sends_content_then_the_calls(piece: int) -> Non
     parser = ReplyParser(ChatOutput(tools=HermesFormat()))
     sent = "".join(parser.feed(RECORDED[i:i + piece]).content for i in range(0, len(RECORDED), piece))
     rest = parser.finish(RECORDED)
-    assert (sent + rest.content).strip() == "Let me check."
+    assert sent + rest.content == "Let me check."
     assert [c["function"]["name"] for c in rest.tool_calls] == ["get_weather", "get_time"]
     assert rest.tool_calls[0]["function"]["arguments"] == {"city": "Paris", "days": 2}
 
@@ -298,7 +298,7 @@ def test_reasoning_becomes_thinking(piece: int) -> None:
     pieces = [parser.feed(text[i:i + piece]) for i in range(0, len(text), piece)]
     rest = parser.finish(text)
     assert "".join(p.thinking or "" for p in [*pieces, rest]) == whole.thinking
-    assert "".join(p.content for p in [*pieces, rest]).strip() == "Let me check."
+    assert "".join(p.content for p in [*pieces, rest]) == "Let me check."
     assert [c["function"] for c in rest.tool_calls] == [c["function"] for c in whole.tool_calls]
 
 

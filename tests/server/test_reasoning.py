@@ -56,6 +56,8 @@ def test_prompt_left_inside_a_think_block() -> None:
     assert THINK.starts_inside("<|im_start|>assistant\n<think>\n")
     assert not THINK.starts_inside("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not THINK.starts_inside("<|im_start|>assistant\n")
+    # a user's own "<think>" is no block the template opened
+    assert not THINK.starts_inside("what does <think> mean?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_detected_from_the_template() -> None:
@@ -81,7 +83,7 @@ def test_tool_calls_are_read_after_the_reasoning() -> None:
             reasoning, content, deltas = reasoning + piece.reasoning, content + piece.content, deltas + piece.tool_calls
         rest = stream.finish(text)
         reasoning, content, deltas = reasoning + rest.reasoning, content + rest.content, deltas + rest.tool_calls
-        assert reasoning == reply.reasoning and content.strip() == reply.content
+        assert reasoning == reply.reasoning and content == reply.content
         assert "".join(d["function"].get("arguments", "") for d in deltas) == '{"x": 1}'
         assert [c.id for c in rest.calls] == [d["id"] for d in deltas if "id" in d]
 
@@ -89,3 +91,8 @@ def test_tool_calls_are_read_after_the_reasoning() -> None:
 def test_without_formats_the_reply_is_its_text() -> None:
     reply = ChatOutput().parse(f"<think>x</think>{CALL}")
     assert (reply.reasoning, reply.content, reply.calls) == (None, f"<think>x</think>{CALL}", [])
+
+
+def test_an_empty_reasoning_block_is_none() -> None:
+    reply = ChatOutput(THINK).parse("<think>\n\n</think>\n\nThe answer.")
+    assert (reply.reasoning, reply.content) == (None, "The answer.")

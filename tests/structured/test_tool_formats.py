@@ -50,6 +50,8 @@ CASES = [
      '<tool_call>\n{"name": "x", "arguments": [1]}\n</tool_call>', []),
     (HERMES, '<tool_call>\n{"name": "x"', '<tool_call>\n{"name": "x"', []),  # cut off: no call
     (HERMES, "a < sign and <tool", "a < sign and <tool", []),
+    (HERMES, "  Indented.\n\n" + H1, "  Indented.", [("get_weather", PARIS)]),
+    (HERMES, "trailing space  ", "trailing space  ", []),
     (LLAMA3, f'{{"name": "get_weather", "parameters": {PARIS}}}', None, [("get_weather", PARIS)]),
     (LLAMA3, f'<|python_tag|>{{"name": "get_weather", "arguments": {PARIS}}}', None, [("get_weather", PARIS)]),
     (LLAMA3, f'{{"name": "get_weather", "parameters": {PARIS}}}; {{"name": "get_time", "parameters": {{}}}}', None,
@@ -57,6 +59,8 @@ CASES = [
     (LLAMA3, 'The answer is {"name": "x", "parameters": {}}', 'The answer is {"name": "x", "parameters": {}}', []),
     (LLAMA3, '{"answer": 42}', '{"answer": 42}', []),
     (LLAMA3, '{"name": "x", "parameters": {}} trailing', '{"name": "x", "parameters": {}} trailing', []),
+    (LLAMA3, f'{{"name": "get_weather", "parameters": {PARIS}, "arguments": {{"b": 2}}}}', None,
+     [("get_weather", PARIS)]),  # two argument keys: the first counts
     (MISTRAL, f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {PARIS}}}]', None, [("get_weather", PARIS)]),
     (MISTRAL, f'Sure.[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}, '
               f'{{"name": "get_weather", "arguments": {ROME}, "id": "abcdefghi"}}]', "Sure.",
@@ -115,7 +119,7 @@ def test_streamed_content_and_calls_equal_the_whole_parse(fmt: ToolFormat, text:
         sent += rest
         _accumulate(deltas, streamed)
         if calls:
-            assert sent.strip() == (content or "")
+            assert sent == (content or "")
             assert [(c["name"], c["arguments"]) for _, c in sorted(streamed.items())] == calls
             assert [(c.name, c.arguments, c.id) for c in final] == [
                 (c["name"], c["arguments"], c["id"]) for _, c in sorted(streamed.items())]
@@ -136,6 +140,12 @@ def test_arguments_stream_as_they_are_written() -> None:
         if i + 3 < text.index('"arguments"'):
             assert not deltas  # the name is not whole yet
     assert len(pieces) > 10 and "".join(pieces) == arguments
+
+
+def test_arguments_nested_past_the_parsers_depth_are_no_call() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    text = f'<tool_call>\n{{"name": "f", "arguments": {{"a": {deep}}}}}\n</tool_call>'
+    assert HERMES.parse(text) == (text, [])
 
 
 def test_mistral_call_ids_are_nine_letters_and_digits() -> None:

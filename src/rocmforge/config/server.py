@@ -10,7 +10,7 @@ values raise :class:`~rocmforge.errors.ConfigError` naming the field on construc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from rocmforge.config.fields import (
     Rule,
@@ -24,10 +24,10 @@ from rocmforge.config.fields import (
     strings,
 )
 
-TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json", "mistral")
 ToolCallParser = Literal["auto", "hermes", "llama3_json", "mistral"]
-REASONING_PARSERS = ("auto", "think", "none")
+TOOL_CALL_PARSERS: tuple[str, ...] = get_args(ToolCallParser)
 ReasoningParser = Literal["auto", "think", "none"]
+REASONING_PARSERS: tuple[str, ...] = get_args(ReasoningParser)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,8 @@ class PoolingStep:
 
 
 class Pooler:
+    """The model runner's pooling: per-request state between chunks (module docstring)."""
+
     def __init__(self) -> None:
         self._partials: dict[str, _Partial] = {}
 

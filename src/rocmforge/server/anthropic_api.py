@@ -108,10 +108,6 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, 
 # --- /v1/messages ----------------------------------------------------------------------------
 
 
-def _tool_use_id() -> str:
-    return f"toolu_{uuid.uuid4().hex[:24]}"
-
-
 def _content(reply: ParsedReply, parallel: bool) -> list[dict[str, Any]]:
     """A whole reply's blocks: thinking, text (left out when empty), tool uses (without
     ``parallel``, the first only)."""
@@ -121,7 +117,7 @@ def _content(reply: ParsedReply, parallel: bool) -> list[dict[str, Any]]:
     if reply.content:
         blocks.append({"type": "text", "text": reply.content})
     calls = reply.calls if parallel else reply.calls[:1]
-    blocks += [{"type": "tool_use", "id": _tool_use_id(), "name": call.name, "input": json.loads(call.arguments)}
+    blocks += [{"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
                for call in calls]
     return blocks
 
@@ -208,7 +204,7 @@ class _Blocks:
             if delta["index"] > 0 and not self._parallel:
                 continue
             if "id" in delta:
-                yield from self._switch(delta["index"], {"type": "tool_use", "id": _tool_use_id(),
+                yield from self._switch(delta["index"], {"type": "tool_use", "id": delta["id"],
                                                          "name": delta["function"]["name"], "input": {}})
             arguments = delta["function"].get("arguments")
             if arguments and self._open == delta["index"]:
@@ -231,14 +227,19 @@ class _Blocks:
 
 async def _events(state: ServerState, stream: RequestStream, message_id: str, prompt_tokens: int,
                   output: ChatOutput, parallel: bool) -> AsyncIterator[str]:
-    """The reply as Anthropic's stream: thinking, text and tool-use blocks as their pieces come."""
-    yield _event("message_start", message=_message(message_id, state.model_name, [], (None, None),
-                                                   _usage(prompt_tokens, 0, 0)))
-    yield _event("ping")
+    """The reply as Anthropic's stream: thinking, text and tool-use blocks as their pieces come.
+    ``message_start`` waits for the engine's first output, which says how much of the prompt
+    the prefix cache served, so its ``usage`` is the final one's."""
     choice = output.stream()
     blocks = _Blocks(parallel)
+    started = False
     try:
         async for _, result in merged([stream]):
+            if not started:
+                started = True
+                usage = _usage(prompt_tokens, result.num_cached_tokens, 0)
+                yield _event("message_start", message=_message(message_id, state.model_name, [], (None, None), usage))
+                yield _event("ping")
             if result.finished and result.finish_reason == "error":
                 yield _error_event(500, result.error or "generation failed")
                 return

@@ -13,7 +13,7 @@ As the OpenAI models, unknown fields are refused and types are strict; on top, A
 rules: the conversation starts with a user turn, each ``tool_result`` answers a ``tool_use`` of
 the assistant turn just before it, consecutive turns of one role are one turn. What cannot be
 honoured is refused by name: image and document blocks (the model reads text), server tools,
-and a final assistant turn (prefill). Thinking is accepted and produces no thinking blocks yet.
+and a final assistant turn (prefill). ``thinking`` is accepted; thinking blocks come from the server's reasoning parser.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class Conversation(_Strict):
     tool_choice: ToolChoice | None = None
     """Default: ``auto`` (with tools)."""
     thinking: Thinking | None = None
-    """Accepted; reasoning output is not produced yet (no thinking blocks)."""
+    """Accepted; thinking blocks come from the server's reasoning parser, whatever this says."""
     output_config: OutputConfig | None = None
     cache_control: CacheControl | None = None
 

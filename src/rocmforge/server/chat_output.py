@@ -66,6 +66,7 @@ class ChatOutput:
 
     def _parse(self, text: str) -> ParsedReply:
         reasoning, content = (None, text) if self.reasoning is None else self.reasoning.split(text, self.starts_inside)
+        reasoning = reasoning or None  # an empty block is none, as a stream sends nothing for it
         if self.tools is None:
             return ParsedReply(reasoning, content)
         answer, calls = self.tools.parse(content)

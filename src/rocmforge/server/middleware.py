@@ -117,14 +117,14 @@ class RequestContextMiddleware:
         await self.app(scope, limited_receive, tagged_send)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        """``Authorization: Bearer <key>`` (OpenAI's and Ollama's clients), or ``x-api-key:
-        <key>`` (Anthropic's)."""
+        """``Authorization: Bearer <key>`` (OpenAI's and Ollama's clients) or ``x-api-key:
+        <key>`` (Anthropic's): either one holding the key will do."""
         expected = self.api_key or b""
-        if b"x-api-key" in headers:
-            return secrets.compare_digest(headers[b"x-api-key"].strip(), expected)
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        # Constant-time comparison; the scheme check leaks nothing about the key.
-        return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), expected)
+        # Constant-time comparisons, both always made; the scheme check leaks nothing about the key.
+        bearer = secrets.compare_digest(token.strip(), expected) and scheme.lower() == b"bearer"
+        header = b"x-api-key" in headers and secrets.compare_digest(headers[b"x-api-key"].strip(), expected)
+        return bearer or header
 
 
 def _client_request_id(value: bytes | None) -> str | None:

@@ -100,8 +100,10 @@ async def _body(request: Request, model: type[Body]) -> Body:
 
 async def _card(state: ServerState) -> ModelCard:
     template = state.tokenizer.chat_template
+    serving = (*(("thinking",) if state.reasoning_format is not None else ()),
+               *(("embedding",) if state.engine.pooling is not None else ()))
     return await off_loop(state, model_card, state.model_path, state.model_name,
-                          template.source if template is not None else None)
+                          template.source if template is not None else None, serving)
 
 
 async def _served(state: ServerState, name: str | None) -> ModelCard:

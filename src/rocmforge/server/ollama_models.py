@@ -61,8 +61,10 @@ def tagged(model_name: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def model_card(model_path: str, model_name: str, template: str | None) -> ModelCard:
-    """The card of the served model (read once; blocking: call it off the event loop)."""
+def model_card(model_path: str, model_name: str, template: str | None,
+               serving: tuple[str, ...] = ()) -> ModelCard:
+    """The card of the served model (read once; blocking: call it off the event loop).
+    ``serving``: capabilities the server adds to the file's (``thinking``, ``embedding``)."""
     path = Path(model_path)
     stat = path.stat()
     with read_gguf(path) as gguf:
@@ -92,7 +94,7 @@ def model_card(model_path: str, model_name: str, template: str | None) -> ModelC
                     for k, v in metadata.items() if k != TEMPLATE_KEY},
         license=license_ if isinstance(license_, str) else "",
         template=template or "",
-        capabilities=["completion", *(["tools"] if template and "tools" in template else [])],
+        capabilities=["completion", *(["tools"] if template and "tools" in template else []), *serving],
     )
 
 

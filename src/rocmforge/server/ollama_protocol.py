@@ -298,9 +298,10 @@ class OllamaMessage(_Strict):
 
     def chat_message(self, index: int) -> ChatMessage:
         """The message as the chat template path takes it: tool-call arguments as JSON text,
-        each call with an id (the client's, or one made from the message's place)."""
+        each call with an id (the client's, or nine letters and digits made from the message's
+        place, the shape Mistral's templates insist on)."""
         calls = [
-            ToolCall(id=call.id or f"call_{index}_{j}",
+            ToolCall(id=call.id or f"c{index:05d}{j:03d}",
                      function=FunctionCall(name=call.function.name,
                                            arguments=json.dumps(call.function.arguments, ensure_ascii=False)))
             for j, call in enumerate(self.tool_calls or ())
@@ -321,7 +322,18 @@ class ChatBody(_GenerationFields):
         return self
 
     def chat_messages(self) -> list[ChatMessage]:
-        return [message.chat_message(i) for i, message in enumerate(self.messages)]
+        """The conversation for the template. Ollama's tool results carry no call id: each
+        answers the next unanswered call of the assistant turn before it, in order."""
+        out: list[ChatMessage] = []
+        unanswered: list[str] = []
+        for index, message in enumerate(self.messages):
+            converted = message.chat_message(index)
+            if converted.tool_calls:
+                unanswered = [call.id for call in converted.tool_calls]
+            elif converted.role == "tool" and unanswered:
+                converted = converted.model_copy(update={"tool_call_id": unanswered.pop(0)})
+            out.append(converted)
+        return out
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None

@@ -101,11 +101,11 @@ async def encode_chat(state: ServerState, messages: Sequence[ChatMessage],
         extra["tools"] = tools
     elif tools:
         plain = _with_tools_prompt(plain, state.tool_format.tools_prompt(tools))
-    prompt = await off_loop(
-        state, tokenizer.encode_chat, plain, add_generation_prompt=True,
-        special_tokens_in_content=state.config.special_tokens_in_content, **extra,
-    )
-    return prompt.ids
+    # The template's variables travel in a partial: none of them can collide with off_loop's
+    # own parameters (protocol.RESERVED_TEMPLATE_VARIABLES keeps encode_chat's).
+    render = functools.partial(tokenizer.encode_chat, plain, add_generation_prompt=True,
+                               special_tokens_in_content=state.config.special_tokens_in_content, **extra)
+    return (await off_loop(state, render)).ids
 
 
 def _with_tools_prompt(messages: list[dict[str, Any]], prompt: str) -> list[dict[str, Any]]:

@@ -321,8 +321,9 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
-RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
-"""Template variables the server sets itself."""
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                         "special_tokens_in_content"})
+"""Template variables the server sets itself (and ``Tokenizer.encode_chat``'s own keywords)."""
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -28,8 +28,10 @@ class ReasoningFormat:
     close: str = "</think>"
 
     def starts_inside(self, prompt_tail: str) -> bool:
-        """Whether a prompt ending in ``prompt_tail`` leaves the model inside a think block."""
-        return prompt_tail.rfind(self.open) > prompt_tail.rfind(self.close)
+        """Whether a prompt ending in ``prompt_tail`` leaves the model inside a think block:
+        the template's last words open one (R1's ``<think>\n``). A ``<think>`` earlier in the
+        tail is a user's text, not the template's."""
+        return prompt_tail.rstrip(_WHITESPACE).endswith(self.open)
 
     def split(self, text: str, inside: bool, *, final: bool = True) -> tuple[str | None, str]:
         """``(reasoning, content)`` of an output (module docstring); reasoning is None when

@@ -2,17 +2,19 @@
 forcing them with a grammar.
 
 A server speaks one format (``--tool-call-parser``; ``auto`` reads the chat template:
-:func:`detect_tool_format`). The chat routes own one :class:`ToolCallStream` per streamed
-choice and call :meth:`ToolFormat.parse` on whole outputs; ``tool_choice`` ``required`` or
+:func:`detect_tool_format`). The chat-output layer (:mod:`rocmforge.server.chat_output`) owns
+one :class:`ToolCallStream` per streamed choice and calls :meth:`ToolFormat.parse` on whole
+outputs; ``tool_choice`` ``required`` or
 a named function compiles :meth:`ToolFormat.grammar`. For a template that renders neither
 tools nor tool-call history, :meth:`ToolFormat.tools_prompt` describes the tools in the system
-message and :func:`history` writes earlier calls and results into the conversation, both in the
-format's own words.
+message and :func:`history` writes earlier calls into the conversation in the format's own
+words (and their results as Hermes ``<tool_response>`` blocks, the one convention templates
+without tool support have seen most).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rocmforge.server.tool_calls.base import ParsedToolCall, TokenLookup, ToolFormat
@@ -24,17 +26,12 @@ from rocmforge.server.tool_calls.stream import ToolCallStream
 __all__ = ["ParsedToolCall", "TokenLookup", "ToolCallStream", "ToolFormat", "detect_tool_format",
            "history", "tool_format"]
 
+
 def tool_format(name: str, template_source: str | None) -> ToolFormat:
     """The format ``name`` selects (``auto``: :func:`detect_tool_format`)."""
-    if name == "auto":
-        return detect_tool_format(template_source)
-    if name == "hermes":
-        return HermesFormat()
-    if name == "llama3_json":
-        return Llama3JsonFormat()
-    if name == "mistral":
-        return MistralFormat(args_marker=ARGS in (template_source or ""))
-    raise ValueError(f"unknown tool-call parser {name!r}")
+    if name not in _FORMATS:
+        raise ValueError(f"unknown tool-call parser {name!r}")
+    return _FORMATS[name](template_source or "")
 
 
 def detect_tool_format(template_source: str | None) -> ToolFormat:
@@ -49,6 +46,15 @@ def detect_tool_format(template_source: str | None) -> ToolFormat:
     if "<|start_header_id|>" in source and "tools" in source and (PYTHON_TAG in source or '"parameters"' in source):
         return Llama3JsonFormat()
     return HermesFormat()
+
+
+_FORMATS: dict[str, Callable[[str], ToolFormat]] = {
+    "auto": detect_tool_format,
+    "hermes": lambda source: HermesFormat(),
+    "llama3_json": lambda source: Llama3JsonFormat(),
+    "mistral": lambda source: MistralFormat(args_marker=ARGS in source),
+}
+"""``--tool-call-parser`` values: the format each makes of the chat template's source."""
 
 
 def history(messages: Sequence[dict[str, Any]], fmt: ToolFormat) -> list[dict[str, Any]]:

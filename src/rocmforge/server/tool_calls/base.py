@@ -48,6 +48,9 @@ class ParsedToolCall:
 
 
 class ToolFormat(ABC):
+    """A way models write tool calls (module docstring): where they begin, how they read,
+    how they are written, and the grammar that forces them."""
+
     name: str
     """The ``--tool-call-parser`` value that selects it."""
     control_tokens: tuple[str, ...] = ()
@@ -89,8 +92,8 @@ class ToolFormat(ABC):
                 f"</tools>\n\nTo call functions, reply with nothing else than the calls, written like this:\n{example}")
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedToolCall]]:
-        """``(content, calls)`` of a whole output. Content is the text before the first call
-        (None when empty). When what follows the start is not complete, well-formed calls
+        """``(content, calls)`` of a whole output. Content is the text before the first call,
+        without the whitespace that ends it (None when nothing else is left). When what follows the start is not complete, well-formed calls
         with object arguments, the whole output is content (the model did not call a tool
         after all)."""
         start = self.start(text)
@@ -107,14 +110,14 @@ class ToolFormat(ABC):
             calls.append(ParsedToolCall(call.name, call.arguments, self.new_call_id()))
         if not calls:
             return text, []
-        content = text[:start].strip()
+        content = text[:start].rstrip()
         return content or None, calls
 
 
 def _is_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: no call either
         return False
 
 

@@ -16,6 +16,8 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 class HermesFormat(ToolFormat):
+    """``<tool_call>`` blocks (module docstring)."""
+
     name = "hermes"
 
     def start(self, text: str) -> int:

@@ -120,7 +120,7 @@ def scan_call_object(text: str, pos: int, *, name_key: str = "name",
                 if not isinstance(name, str):
                     raise ValueError("the name is not a string")
                 call.name = name
-        elif key in argument_keys:
+        elif key in argument_keys and not seen_arguments:  # the first of two argument keys counts
             if start < len(text) and text[start] != "{":
                 raise ValueError("the arguments are not an object")
             call.arguments = text[start:end] if end is not None else text[start:]

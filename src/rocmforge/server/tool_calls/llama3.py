@@ -17,6 +17,8 @@ _KEYS = ("parameters", "arguments")
 
 
 class Llama3JsonFormat(ToolFormat):
+    """The reply is the call, as JSON (module docstring)."""
+
     name = "llama3_json"
     control_tokens = (PYTHON_TAG,)
 

@@ -25,6 +25,8 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 
 
 class MistralFormat(ToolFormat):
+    """Calls after ``[TOOL_CALLS]``, in either generation (module docstring)."""
+
     name = "mistral"
     control_tokens = (TOOL_CALLS, ARGS, CALL_ID)
 

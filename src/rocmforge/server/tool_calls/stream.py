@@ -1,12 +1,14 @@
 """Streaming a choice's tool calls as OpenAI ``tool_calls`` deltas, as the model writes them.
 
 Content passes through until the format's calls begin (a tail that may begin a marker is
-held back). From there each call is announced once its name is whole and its arguments
+held back, and so is trailing whitespace, which a call that follows drops as the whole
+parse does). From there each call is announced once its name is whole and its arguments
 have begun as an object (``id``, ``type``, ``function.name``, empty ``arguments``), and its arguments follow piece by piece as raw JSON
 text, so the pieces concatenate to the final ``arguments``. At the end the whole output is
 parsed (:meth:`ToolFormat.parse`, the same scan): what the stream sent and what a
-non-streamed answer holds agree. An output whose calls turn out malformed ends with the
-unsent rest as content.
+non-streamed answer holds agree. The one exception: calls that turn out malformed at the
+end (not JSON, cut off by ``max_tokens``) may already have been announced; the non-streamed
+answer has their text as content, and the stream ends with that unsent text as content too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from rocmforge.server.tool_calls.json_scan import PartialCall
 
 
 class ToolCallStream:
+    """One choice's content and tool-call deltas (module docstring)."""
+
     def __init__(self, fmt: ToolFormat) -> None:
         self._fmt = fmt
         self._text = ""
@@ -30,11 +34,6 @@ class ToolCallStream:
         self._arguments: list[str] = []
         self._broken = False
 
-    @property
-    def calling(self) -> bool:
-        """Whether the output has reached its calls."""
-        return self._start >= 0
-
     def feed(self, delta: str) -> tuple[str, list[dict[str, Any]]]:
         """``(content that is surely content, tool_calls deltas)`` of the next piece of output."""
         self._text += delta
@@ -42,9 +41,9 @@ class ToolCallStream:
         if self._start < 0:
             start = self._fmt.start(self._text)
             if start < 0:
-                return self._take(len(self._text) - self._fmt.holdback(self._text)), []
+                return self._take(_unspaced(self._text, len(self._text) - self._fmt.holdback(self._text))), []
             self._start = start
-            content = self._take(start)
+            content = self._take(_unspaced(self._text, start))
         if self._broken:
             return content, []
         try:
@@ -61,7 +60,8 @@ class ToolCallStream:
             return full_text[self._sent:], [], []
         deltas = self._deltas([PartialCall(c.name, c.arguments, True) for c in calls])
         start = self._fmt.start(full_text)
-        return (full_text[self._sent:start] if start > self._sent else "", deltas,
+        end = _unspaced(full_text, start)
+        return (full_text[self._sent:end] if end > self._sent else "", deltas,
                 [replace(call, id=call_id) for call, call_id in zip(calls, self._ids)])
 
     def _take(self, end: int) -> str:
@@ -92,3 +92,10 @@ class ToolCallStream:
             if function:
                 deltas.append({**delta, "function": function})
         return deltas
+
+
+def _unspaced(text: str, end: int) -> int:
+    """``end`` moved back over the whitespace that ends ``text[:end]``."""
+    while end > 0 and text[end - 1].isspace():
+        end -= 1
+    return end
