@@ -37,7 +37,7 @@ from pydantic import (
 
 from rocmforge.errors import InvalidGrammarError
 from rocmforge.sampling_params import MAX_TOP_K, SamplingParams
-from rocmforge.server.protocol import MAX_STOP_STRINGS, ChatMessage, FiniteFloat, Text, force_tool_call
+from rocmforge.server.protocol import MAX_STOP_STRINGS, ChatMessage, FiniteFloat, Text, check_unique, force_tool_call
 from rocmforge.structured import StructuredOutput
 
 NonEmptyText = Annotated[Text, Field(min_length=1)]
@@ -265,8 +265,7 @@ class Conversation(_Strict):
     @model_validator(mode="after")
     def _anthropic_rules(self) -> Conversation:
         names = [tool.name for tool in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: tool names must be unique")
+        check_unique(names, "tools: tool names")
         choice = self.tool_choice
         if isinstance(choice, ToolChoiceTool) and choice.name not in names:
             raise ValueError(f"tool_choice: no tool named {choice.name!r} in tools")

@@ -44,6 +44,7 @@ from rocmforge.server.protocol import (
     Text,
     Tool,
     ToolCall,
+    check_unique,
 )
 from rocmforge.structured import StructuredOutput
 
@@ -316,9 +317,7 @@ class ChatBody(_GenerationFields):
 
     @model_validator(mode="after")
     def _unique_tools(self) -> ChatBody:
-        names = [tool.function.name for tool in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+        check_unique([tool.function.name for tool in self.tools or ()], "tools: function names")
         return self
 
     def chat_messages(self) -> list[ChatMessage]:

@@ -321,6 +321,12 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+def check_unique(names: list[str], what: str) -> None:
+    """ValueError (``"<what> must be unique"``) when ``names`` repeat one: tool names, ids."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} must be unique")
+
+
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                                          "special_tokens_in_content"})
 """Template variables the server sets itself (and ``Tokenizer.encode_chat``'s own keywords)."""
@@ -356,8 +362,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _tool_choice_of_the_tools(self) -> ChatCompletionRequest:
         names = [tool.function.name for tool in self.tools or ()]
-        if len(set(names)) != len(names):
-            raise ValueError("tools: function names must be unique")
+        check_unique(names, "tools: function names")
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"tool_choice: no tool named {choice.function.name!r} in tools")
