@@ -593,3 +593,28 @@ def test_the_default_model_answers_through_ollamas_api(default_server: Server) -
                             options={**GREEDY, "num_predict": 100})
     value = json.loads(where.response)
     assert set(value) == {"city", "country"} and "Paris" in value["city"], value
+
+
+def test_the_openapi_schema_describes_the_ollama_bodies(client: httpx.Client) -> None:
+    """The routes read their bodies by hand (any content type, as Ollama does); the schema
+    still describes them, and every reference in it resolves."""
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model in [("/api/generate", "GenerateBody"), ("/api/chat", "ChatBody"), ("/api/embed", "EmbedBody"),
+                        ("/api/show", "ModelBody")]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model}"}
+    assert {"model", "messages", "tools", "format", "options", "think"} <= set(components["ChatBody"]["properties"])
+    refs: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            refs.extend([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    assert refs and all(ref.removeprefix("#/components/schemas/") in components for ref in refs)

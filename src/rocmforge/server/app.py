@@ -68,6 +68,18 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(anthropic_api.router)
     app.include_router(ollama_api.router)
     app.include_router(embeddings_api.router)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema (built once), with the bodies of the Ollama routes, which read
+        them by hand."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default_openapi()
+        ollama_api.add_body_schemas(schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -33,6 +33,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from rocmforge import __version__
 from rocmforge.engine.request_stream import RequestStream
@@ -81,6 +82,30 @@ error_shapes.register("/api/", _shape)
 
 def _state(request: Request) -> ServerState:
     return request.app.state.rocmforge
+
+
+_DOCUMENTED_BODIES: list[type[BaseModel]] = []
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The route's ``requestBody`` for the OpenAPI schema: the routes read their bodies by
+    hand (:func:`_body`), so FastAPI does not see them; :func:`add_body_schemas` adds the
+    models' schemas to the components."""
+    if model not in _DOCUMENTED_BODIES:
+        _DOCUMENTED_BODIES.append(model)
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def add_body_schemas(openapi: dict[str, Any]) -> None:
+    """Put the bodies of the Ollama routes in an OpenAPI schema's components (in place).
+    A name already there is a model shared with the OpenAI routes (``Tool``,
+    ``FunctionDefinition``): FastAPI's rendering of it stays."""
+    _, definitions = models_json_schema([(model, "validation") for model in _DOCUMENTED_BODIES],
+                                        ref_template="#/components/schemas/{model}")
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in definitions.get("$defs", {}).items():
+        components.setdefault(name, schema)
 
 
 async def _body(request: Request, model: type[Body]) -> Body:
@@ -304,7 +329,7 @@ def _loaded(model: str, chat: bool, reason: str = "load") -> dict[str, Any]:
 # --- /api/generate, /api/chat ----------------------------------------------------------------
 
 
-@router.post("/api/generate", response_model=None)
+@router.post("/api/generate", response_model=None, openapi_extra=_documented_body(GenerateBody))
 async def generate(request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     started = time.perf_counter_ns()
     state = _state(request)
@@ -350,7 +375,7 @@ def _think_variables(think: object) -> dict[str, Any] | None:
     return {"enable_thinking": False} if think is False else None
 
 
-@router.post("/api/chat", response_model=None)
+@router.post("/api/chat", response_model=None, openapi_extra=_documented_body(ChatBody))
 async def chat(request: Request) -> JSONResponse | StreamingResponse | dict[str, Any]:
     started = time.perf_counter_ns()
     state = _state(request)
@@ -374,7 +399,7 @@ async def chat(request: Request) -> JSONResponse | StreamingResponse | dict[str,
 # --- /api/embed, /api/embeddings ------------------------------------------------------------
 
 
-@router.post("/api/embed", response_model=None)
+@router.post("/api/embed", response_model=None, openapi_extra=_documented_body(EmbedBody))
 async def embed(request: Request) -> JSONResponse | dict[str, Any]:
     """Ollama's embeddings: unit vectors, one per input, through the engine's pooling (the
     same path as ``/v1/embeddings``); with ``truncate`` (the default) an input longer than the
@@ -397,7 +422,7 @@ async def embed(request: Request) -> JSONResponse | dict[str, Any]:
             "load_duration": 0, "prompt_eval_count": result.prompt_tokens}
 
 
-@router.post("/api/embeddings", response_model=None)
+@router.post("/api/embeddings", response_model=None, openapi_extra=_documented_body(LegacyEmbeddingsBody))
 async def embeddings(request: Request) -> JSONResponse | dict[str, Any]:
     """Ollama's older route: one ``prompt``, its pooled vector as it is (not normalised)."""
     state = _state(request)
@@ -418,7 +443,7 @@ async def tags(request: Request) -> dict[str, Any]:
     return {"models": [(await _card(_state(request))).listing()]}
 
 
-@router.post("/api/show")
+@router.post("/api/show", openapi_extra=_documented_body(ModelBody))
 async def show(request: Request) -> dict[str, Any]:
     state = _state(request)
     body = await _body(request, ModelBody)
@@ -463,7 +488,7 @@ async def root() -> str:
 # --- model management: one model, fixed at start-up -------------------------------------------
 
 
-@router.post("/api/pull", response_model=None)
+@router.post("/api/pull", response_model=None, openapi_extra=_documented_body(ModelBody))
 async def pull(request: Request) -> dict[str, Any] | StreamingResponse:
     """The served model is here already: success at once (clients pull before they use a
     model). Any other is refused."""
