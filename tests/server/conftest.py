@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from live_server import API_KEY, HTTP_TIMEOUT, MODEL_NAME, TINY_SPEC, Server, start_server, stop_server
+from live_server import API_KEY, HTTP_TIMEOUT, MODEL_NAME, TINY_SPEC, Server, serving
 
 from rocmforge.synthetic import random_hf_weights, write_gguf
 
@@ -28,15 +28,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _serve(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory, *extra: str,
            api_key: str | None = None) -> Iterator[Server]:
-    server = start_server(tiny_gguf, tmp_path_factory.mktemp("server-log"), "--model-name", MODEL_NAME, *extra,
-                          api_key=api_key)
-    try:
-        yield server
-    finally:
-        stop_server(server)
-    # SIGTERM is a clean shutdown: admission stops, the engine drains, the process exits 0.
-    assert server.process.returncode == 0, server.log()
-    assert "Traceback" not in server.log(), server.log()
+    yield from serving(tiny_gguf, tmp_path_factory.mktemp("server-log"), "--model-name", MODEL_NAME, *extra,
+                       api_key=api_key)
 
 
 @pytest.fixture(scope="session")

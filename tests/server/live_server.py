@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +100,18 @@ def stop_server(server: Server) -> None:
             process.wait(timeout=STOP_TIMEOUT_S)
             pytest.fail(f"server ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s and was killed:\n{server.log()}")
     assert process.returncode is not None
+
+
+def serving(gguf: Path, log_dir: Path, *extra: str, api_key: str | None = None) -> Iterator[Server]:
+    """A server for a fixture to yield from: started, then stopped with SIGTERM, which is a
+    clean shutdown (admission stops, the engine drains, the process exits 0, no traceback)."""
+    server = start_server(gguf, log_dir, *extra, api_key=api_key)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+    assert server.process.returncode == 0, server.log()
+    assert "Traceback" not in server.log(), server.log()
 
 
 # --- HTTP helpers ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import openai
 import pytest
-from live_server import Server, start_server, stop_server
+from live_server import serving
 from pydantic import BaseModel, ConfigDict, Field
 
 pytestmark = pytest.mark.slow
@@ -170,13 +170,9 @@ assert len(TOOL_CASES) == 20
 
 @pytest.fixture(scope="module")
 def oai(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
-    server: Server = start_server(default_gguf, tmp_path_factory.mktemp("agent-eval-log"), "--model-name", MODEL)
-    try:
+    for server in serving(default_gguf, tmp_path_factory.mktemp("agent-eval-log"), "--model-name", MODEL):
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", timeout=60.0, max_retries=0) as client:
             yield client
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
 
 
 def _user(prompt: str) -> list[dict[str, str]]:

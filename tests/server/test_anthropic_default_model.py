@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anthropic
 import pytest
-from live_server import Server, start_server, stop_server
+from live_server import Server, serving
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2"
@@ -21,12 +21,7 @@ WEATHER = {"name": "get_weather", "description": "Current weather of a city",
 
 @pytest.fixture(scope="module")
 def default_server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(default_gguf, tmp_path_factory.mktemp("anthropic-log"), "--model-name", MODEL)
-    try:
-        yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
+    yield from serving(default_gguf, tmp_path_factory.mktemp("anthropic-log"), "--model-name", MODEL)
 
 
 @pytest.fixture(scope="module")

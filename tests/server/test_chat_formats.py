@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from live_server import TINY_SPEC, Server, start_server, stop_server
+from live_server import TINY_SPEC, Server, serving
 
 from rocmforge.synthetic import random_hf_weights, write_gguf
 
@@ -52,13 +52,7 @@ def _server(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str, **
     path: Path = tmp_path_factory.mktemp(name) / f"{name}.gguf"
     model_spec = replace(TINY_SPEC, **spec)
     write_gguf(path, model_spec, random_hf_weights(model_spec, seed=11), seed=11)
-    server = start_server(path, tmp_path_factory.mktemp(f"{name}-log"), "--model-name", name, *flags)
-    try:
-        yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
-    assert "Traceback" not in server.log(), server.log()
+    yield from serving(path, tmp_path_factory.mktemp(f"{name}-log"), "--model-name", name, *flags)
 
 
 @pytest.fixture(scope="module")

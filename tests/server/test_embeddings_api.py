@@ -25,8 +25,7 @@ from live_server import (
     TINY_SPEC,
     Server,
     assert_error_shape,
-    start_server,
-    stop_server,
+    serving,
     wait_for_status,
     wait_until_idle,
 )
@@ -42,14 +41,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def embed_server(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tiny_gguf, tmp_path_factory.mktemp("embed-log"), "--model-name", MODEL_NAME,
-                          "--pooling", "mean", "--max-num-batched-tokens", str(CHUNK), "--max-num-seqs", "16")
-    try:
-        yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
-    assert "Traceback" not in server.log(), server.log()
+    yield from serving(tiny_gguf, tmp_path_factory.mktemp("embed-log"), "--model-name", MODEL_NAME,
+                       "--pooling", "mean", "--max-num-batched-tokens", str(CHUNK), "--max-num-seqs", "16")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from live_server import Server, start_server, stop_server
+from live_server import Server, serving
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2"
@@ -35,13 +35,8 @@ def default_server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory)
     # Dense fp32 weights: with the CPU's quantized matmul kernels a prompt's rows do not come
     # out bit-alike at every batch shape (batched and single vectors differ by up to ~6e-3 on
     # this model), which is the kernels' rounding, not the batching this test checks.
-    server = start_server(default_gguf, tmp_path_factory.mktemp("embed-default-log"), "--model-name", MODEL,
-                          "--pooling", "mean", "--weight-format", "dense")
-    try:
-        yield server
-    finally:
-        stop_server(server)
-    assert server.process.returncode == 0, server.log()
+    yield from serving(default_gguf, tmp_path_factory.mktemp("embed-default-log"), "--model-name", MODEL,
+                       "--pooling", "mean", "--weight-format", "dense")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ from live_server import (
     TINY_SPEC,
     Server,
     metric_values,
-    start_server,
-    stop_server,
+    serving,
     wait_for_status,
 )
 from spawned_server import running, spawn_server
@@ -573,9 +572,7 @@ def test_unsupported_samplers_are_refused_and_a_model_name_is_required() -> None
 
 @pytest.fixture(scope="module")
 def default_server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(default_gguf, tmp_path_factory.mktemp("ollama-default"), "--model-name", "smollm2")
-    yield server
-    stop_server(server)
+    yield from serving(default_gguf, tmp_path_factory.mktemp("ollama-default"), "--model-name", "smollm2")
 
 
 @pytest.mark.slow

@@ -93,15 +93,15 @@ class ChoiceStream:
 
     def finish(self, full_text: str) -> ReplyDelta:
         """The rest, once the output is complete (``full_text``: all of it)."""
-        if self._output.stats is not None:
-            reply = self._output._parse(full_text)
-            self._output.stats.count(len(reply.calls), reply.reasoning is not None)
-        reasoning, content = self._reasoning.finish() if self._reasoning else ("", "")
-        if self._tools is None:
-            return ReplyDelta(reasoning, content)
         out = self._output
-        whole = full_text if out.reasoning is None else out.reasoning.split(full_text, out.starts_inside)[1]
-        content, tool_calls, calls = self._tools.finish(whole)
+        block, whole = (None, full_text) if out.reasoning is None else out.reasoning.split(full_text, out.starts_inside)
+        reasoning, content = self._reasoning.finish() if self._reasoning else ("", "")
+        tool_calls: list[dict[str, Any]] = []
+        calls: list[ParsedToolCall] = []
+        if self._tools is not None:
+            content, tool_calls, calls = self._tools.finish(whole)
+        if out.stats is not None:
+            out.stats.count(len(calls), bool(block))  # as parse() counts: an empty block is none
         return ReplyDelta(reasoning, content, tool_calls, calls)
 
 

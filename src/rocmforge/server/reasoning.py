@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rocmforge.server.tool_calls.base import marker_prefix
+
 __all__ = ["ReasoningFormat", "ReasoningStream", "reasoning_format"]
 
 _WHITESPACE = " \t\n\r"
@@ -53,15 +55,8 @@ class ReasoningFormat:
         reasoning = text[start:].lstrip(_WHITESPACE)
         if final:
             return reasoning.rstrip(_WHITESPACE), ""
-        reasoning = reasoning[:len(reasoning) - _prefix_of(reasoning, self.close)]
+        reasoning = reasoning[:len(reasoning) - marker_prefix(reasoning, self.close)]
         return reasoning.rstrip(_WHITESPACE), ""
-
-
-def _prefix_of(text: str, marker: str) -> int:
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ReasoningStream:
