@@ -59,6 +59,7 @@ def model_file(name: str, out: Path) -> Path:
     if not path.exists():
         chooser = q4_k_m_types(spec) if kind == "q4_k_m" else GGMLQuantizationType[kind.upper()]
         print(f"writing {path} ...", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
         write_random_gguf(path, spec, chooser)
     return path
 

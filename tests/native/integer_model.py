@@ -2,8 +2,8 @@
 layouts (tests/gguf_blocks.py, kernels.h) independently of the C++ code.
 
 Activations: per block of 32 (BlockQ8) or 256 (BlockQ8K) values, ``d = max|x| / 127`` in
-float32, ``q = rint(x * (1 / d))`` (ties to even), ``s = d * sum(q)`` (BlockQ8) and sums of
-16 (BlockQ8K). Dot products: exact integer sums per (sub-)block, scaled in float.
+float32, ``q = rint(x * (1 / d))`` (ties to even), ``s = d * sum(q)`` (BlockQ8), and sums of
+16 and ``d *`` sums of 32 (BlockQ8K). Dot products: exact integer sums per (sub-)block, scaled in float.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import numpy as np
 @dataclass(frozen=True)
 class Q8Blocks:
     """Quantized activations of one row: ``d [nb]``, ``qs [nb, block]`` int32, ``s [nb]``
-    (BlockQ8) or ``bsums [nb, block // 16]`` (BlockQ8K)."""
+    (BlockQ8) or ``bsums [nb, block // 16]`` and ``dsums [nb, block // 32]`` (BlockQ8K:
+    ``d * `` the sums of 32)."""
 
     d: np.ndarray
     qs: np.ndarray
     s: np.ndarray | None = None
     bsums: np.ndarray | None = None
+    dsums: np.ndarray | None = None
 
 
 def quantize_row(x: np.ndarray, block: int) -> Q8Blocks:
@@ -32,7 +34,9 @@ def quantize_row(x: np.ndarray, block: int) -> Q8Blocks:
     qs = np.rint(blocks * inv[:, None]).astype(np.int32)
     if block == 32:
         return Q8Blocks(d=d, qs=qs, s=(d * qs.sum(axis=1).astype(np.float32)).astype(np.float32))
-    return Q8Blocks(d=d, qs=qs, bsums=qs.reshape(len(d), -1, 16).sum(axis=2))
+    bsums = qs.reshape(len(d), -1, 16).sum(axis=2)
+    dsums = (d[:, None] * bsums.reshape(len(d), -1, 2).sum(axis=2).astype(np.float32)).astype(np.float32)
+    return Q8Blocks(d=d, qs=qs, bsums=bsums, dsums=dsums)
 
 
 def unpack_q8(raw: np.ndarray, block: int) -> Q8Blocks:
@@ -41,5 +45,7 @@ def unpack_q8(raw: np.ndarray, block: int) -> Q8Blocks:
     if block == 32:
         rec = raw.view(np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)]))
         return Q8Blocks(d=rec["d"].copy(), qs=rec["qs"].astype(np.int32), s=rec["s"].copy())
-    rec = raw.view(np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)]))
-    return Q8Blocks(d=rec["d"].copy(), qs=rec["qs"].astype(np.int32), bsums=rec["bsums"].astype(np.int32))
+    rec = raw.view(np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16), ("dsums", "<f4", 8)]))
+    return Q8Blocks(
+        d=rec["d"].copy(), qs=rec["qs"].astype(np.int32), bsums=rec["bsums"].astype(np.int32), dsums=rec["dsums"].copy()
+    )

@@ -33,5 +33,6 @@ def test_quantize_matches_the_model_bit_for_bit(isa: int, ggml_type: int, block:
             np.testing.assert_array_equal(got.s, want.s)
         else:
             np.testing.assert_array_equal(got.bsums, want.bsums)
+            np.testing.assert_array_equal(got.dsums, want.dsums)
         assert np.abs(got.qs).max() <= 127
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ISA_NAMES", "NATIVE_TYPES", "available", "build", "cache_dir", "ops", "unavailable_reason"]
+__all__ = ["INTEGER_GEMM_TYPES", "ISA_NAMES", "NATIVE_TYPES", "available", "build", "cache_dir", "ops", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ ISA_NAMES = ("scalar", "avx2", "avx2_vnni", "avx512_vnni")
 
 NATIVE_TYPES = frozenset({0, 1, 30, 2, 3, 6, 7, 8, 12, 13, 14})
 """ggml types the matmul reads as stored: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K."""
+
+INTEGER_GEMM_TYPES = frozenset({12, 13, 14})
+"""Types whose many-row integer ``matmul`` outruns ``matmul_dequant`` (dequantized tiles
+through ATen's fp32 GEMM) at every row count: Q4_K Q5_K Q6_K, 1.2-1.6x at 256 rows
+(benchmarks/cpu_matmul.py). The integer super-block sums with 6-bit integer scales cost
+about what the GEMM's FMAs do, without the dequantization; the 32-element types pay a float
+scale per block and lose to the GEMM on prompts."""
 
 _failure: str | None = None
 

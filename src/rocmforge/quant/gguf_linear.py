@@ -55,7 +55,9 @@ dtype and multiplied by the BLAS GEMM: its ``2 M N K`` flops on tensor cores out
 extra pass over the weight. Below, the decode-in-the-matmul kernels read the blocks once."""
 
 NATIVE_DENSE_MIN_ROWS = 32
-"""The same crossover for the native CPU kernels (measured: benchmarks/cpu_matmul.py)."""
+"""The same crossover for the native CPU kernels of the types outside
+``native.INTEGER_GEMM_TYPES`` (measured: benchmarks/cpu_matmul.py); a layer whose parts are
+all of those types stays on the integer kernels at every row count."""
 
 NATIVE_TILE_BYTES = 4 << 20
 """fp32 bytes of one dequantized weight tile on the native prompt path (stays in L2/L3)."""
@@ -137,6 +139,7 @@ class GGUFLinear(nn.Module):
             start += buffer.shape[0]
         self._segments = tuple(segments)
         self._types = [int(s.ggml_type) for s in segments]
+        self._integer_gemm = all(t in native.INTEGER_GEMM_TYPES for t in self._types)
         self.out_features = start
 
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -178,7 +181,8 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, dense_min_rows: int | None = None) -> torch.Tensor:
         """``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``; per weight buffer
         one quantized-matmul launch, or from ``dense_min_rows`` rows on a dequantization and
-        a BLAS GEMM. RuntimeError where the kernels cannot run on ``x.device``."""
+        a BLAS GEMM (natively, only for types outside ``native.INTEGER_GEMM_TYPES``).
+        RuntimeError where the kernels cannot run on ``x.device``."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input [..., {self.in_features}], got shape {tuple(x.shape)}"
@@ -215,7 +219,7 @@ class GGUFLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
         out = torch.empty((rows.shape[0], self.out_features), dtype=torch.float32)
         weights, _ = self.native_operands()
-        if rows.shape[0] >= dense_min_rows:
+        if rows.shape[0] >= dense_min_rows and not self._integer_gemm:
             tile_rows = max(1, NATIVE_TILE_BYTES // (4 * self.in_features))
             ops.matmul_dequant(rows, weights, self._types, out, tile_rows)
         else:

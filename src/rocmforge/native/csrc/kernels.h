@@ -62,15 +62,24 @@ static_assert(sizeof(BlockQ5_K) == 176 && sizeof(BlockQ6_K) == 210);
 // BlockQ8: 32 values x ~= d * qs, qs = nearbyint(x / d) with d = max|x| / 127 (ties to even),
 // s = d * sum(qs): the block sum that offset types (Q4_0's -8, Q4_1's +m ...) need.
 struct BlockQ8 { float d; float s; int8_t qs[kQK]; };
-// BlockQ8K: 256 values, d = max|x| / 127 likewise; bsums[i] = sum of qs[16i .. 16i+15].
-struct BlockQ8K { float d; int8_t qs[kQKK]; int16_t bsums[kQKK / 16]; };
-static_assert(sizeof(BlockQ8) == 40 && sizeof(BlockQ8K) == 292);
+// BlockQ8K: 256 values, d = max|x| / 127 likewise; bsums[i] = sum of qs[16i .. 16i+15], and
+// dsums[j] = d * (bsums[2j] + bsums[2j + 1]), the scaled sums of the 32-element sub-blocks
+// that Q4_K / Q5_K's min term dots with dmin * min_j.
+struct BlockQ8K { float d; int8_t qs[kQKK]; int16_t bsums[kQKK / 16]; float dsums[kQKK / 32]; };
+static_assert(sizeof(BlockQ8) == 40 && sizeof(BlockQ8K) == 324);
 
 enum class ActFormat : int { kNone = 0, kF32 = 1, kQ8 = 2, kQ8K = 3 };
 
 // Dot product of one weight row of k elements (k a multiple of its block size) with one
 // activation row in that type's ActFormat (BlockQ8[k/32], BlockQ8K[k/256] or float[k]).
 using DotFn = float (*)(const uint8_t* w, const void* act, int64_t k);
+// The same dot product of one weight row with m activation rows (act_bytes apart), into
+// out[i * ld]: each piece of the weight row is decoded once for a group of activation rows
+// (4, or 8 for the 512-bit kernels' 32 registers). Every entry gives, row for row, the bits
+// of its table's DotFn (the same operations in the same order), so a batch of m rows
+// computes what m single rows would.
+using DotRowsFn = void (*)(const uint8_t* w, const uint8_t* act, int64_t act_bytes, int64_t m, int64_t k,
+                           float* out, int64_t ld);
 // One weight row of k elements -> k floats.
 using DequantFn = void (*)(const uint8_t* w, float* out, int64_t k);
 // k floats -> activation blocks (k a multiple of the block size).
@@ -80,7 +89,27 @@ struct TypeKernels {
   ActFormat act = ActFormat::kNone;  // kNone: the type has no kernels (dequantize at load)
   DotFn dot = nullptr;
   DequantFn dequant = nullptr;
+  DotRowsFn dot_rows = nullptr;  // nullptr: `dot` row by row (the scalar tables)
 };
+
+// The DotRowsFn of a kernel written for a fixed number of rows, Kernel<R>::run(w, act,
+// act_bytes, k, out, ld) for R = 1 .. Rows: Rows rows at a time, then the rest.
+template <template <int> class Kernel, int R>
+inline void dot_rest(const uint8_t* w, const uint8_t* act, int64_t act_bytes, int64_t m, int64_t k, float* out,
+                     int64_t ld) {
+  if constexpr (R > 0) {
+    if (m == R) return Kernel<R>::run(w, act, act_bytes, k, out, ld);
+    dot_rest<Kernel, R - 1>(w, act, act_bytes, m, k, out, ld);
+  }
+}
+
+template <template <int> class Kernel, int Rows = 4>
+void dot_rows(const uint8_t* w, const uint8_t* act, int64_t act_bytes, int64_t m, int64_t k, float* out,
+              int64_t ld) {
+  int64_t i = 0;
+  for (; i + Rows <= m; i += Rows) Kernel<Rows>::run(w, act + i * act_bytes, act_bytes, k, out + i * ld, ld);
+  dot_rest<Kernel, Rows - 1>(w, act + i * act_bytes, act_bytes, m - i, k, out + i * ld, ld);
+}
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx2Vnni = 2, kAvx512Vnni = 3, kNumIsas = 4 };
 

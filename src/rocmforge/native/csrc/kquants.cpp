@@ -2,9 +2,10 @@
 //
 // Dot products, per 256-element super-block (d_a the activation block's scale, a_i its codes,
 // bsum_j the activation sums the block carries):
-//   Q4_K / Q5_K  (d_w * d_a) * sum_j scale_j * isum_j  -  (dmin_w * d_a) * sum_j min_j * bsum_j
+//   Q4_K / Q5_K  (d_w * d_a) * sum_j scale_j * isum_j  -  sum_j (dmin_w * min_j) * dsums_j
 //                over the 8 sub-blocks j of 32, isum_j = sum_i q_i * a_i with the unsigned
-//                code q_i, bsum_j = bsums[2j] + bsums[2j + 1]
+//                code q_i, dsums_j = d_a * (bsums[2j] + bsums[2j + 1]) (BlockQ8K); the
+//                min term is a float dot product the SIMD kernels take 8 lanes at a time
 //   Q6_K         (d_w * d_a) * sum_g scale_g * (isum_g - 32 * bsums[g])
 //                over the 16 sub-blocks g of 16, q_i the unsigned 6-bit code
 // The integer sums are exact in int32; only the float steps round, and the SIMD versions
@@ -15,6 +16,8 @@
 // float32 (an fp16 d times integers of at most 13 bits together), so the result rounds once,
 // in the subtraction: every version gives the reference's bits, even where the compiler
 // fuses the multiply and subtract into an FMA (GCC's default for C++, -ffp-contract=fast).
+#include <type_traits>
+
 #include "kernels.h"
 
 namespace rocmforge {
@@ -61,15 +64,16 @@ float dot_q4_k_scalar(const uint8_t* w, const void* act, int64_t k) {
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQKK; ++b) {
     const KScales s = k_scales(x[b].scales);
-    int scaled = 0, mins = 0;
+    const float dmin = fp16_to_fp32(x[b].dmin);
+    int scaled = 0;
+    float mins = 0.0f;
     for (int j = 0; j < 8; ++j) {
       int isum = 0;
       for (int i = 0; i < 32; ++i) isum += k_nibble(x[b].qs, j, i) * y[b].qs[32 * j + i];
       scaled += s.scale[j] * isum;
-      mins += s.min[j] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+      mins += (dmin * static_cast<float>(s.min[j])) * y[b].dsums[j];
     }
-    sum += (fp16_to_fp32(x[b].d) * y[b].d) * static_cast<float>(scaled) -
-           (fp16_to_fp32(x[b].dmin) * y[b].d) * static_cast<float>(mins);
+    sum += (fp16_to_fp32(x[b].d) * y[b].d) * static_cast<float>(scaled) - mins;
   }
   return sum;
 }
@@ -80,17 +84,18 @@ float dot_q5_k_scalar(const uint8_t* w, const void* act, int64_t k) {
   float sum = 0.0f;
   for (int64_t b = 0; b < k / kQKK; ++b) {
     const KScales s = k_scales(x[b].scales);
-    int scaled = 0, mins = 0;
+    const float dmin = fp16_to_fp32(x[b].dmin);
+    int scaled = 0;
+    float mins = 0.0f;
     for (int j = 0; j < 8; ++j) {
       int isum = 0;
       for (int i = 0; i < 32; ++i) {
         isum += (k_nibble(x[b].qs, j, i) | (k_high_bit(x[b].qh, j, i) << 4)) * y[b].qs[32 * j + i];
       }
       scaled += s.scale[j] * isum;
-      mins += s.min[j] * (y[b].bsums[2 * j] + y[b].bsums[2 * j + 1]);
+      mins += (dmin * static_cast<float>(s.min[j])) * y[b].dsums[j];
     }
-    sum += (fp16_to_fp32(x[b].d) * y[b].d) * static_cast<float>(scaled) -
-           (fp16_to_fp32(x[b].dmin) * y[b].d) * static_cast<float>(mins);
+    sum += (fp16_to_fp32(x[b].d) * y[b].d) * static_cast<float>(scaled) - mins;
   }
   return sum;
 }
@@ -377,14 +382,13 @@ namespace rocmforge {
 namespace avx512_vnni {
 namespace {
 
-// The same 256-bit kernels in EVEX encoding, for CPUs with AVX512-VNNI but no AVX-VNNI
-// (Ice Lake, Zen 4); where both exist the AVX-512VL forms the compiler may pick (vpternlogd,
-// 32 registers) measured 5-15% faster on Q5_K / Q6_K (Zen 5).
+// The 256-bit helpers in EVEX encoding (32 registers), and the 512-bit kernels on them.
 static inline __m256i dot_scaled_acc(__m256i acc, __m256i q, __m256i a, __m256i scale) {
   return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(q, a), scale);
 }
 
 #include "kquants_x86.inc"
+#include "kquants_avx512.inc"
 
 }  // namespace
 }  // namespace avx512_vnni
@@ -405,21 +409,26 @@ void fill_kquants(KernelTable& table, Isa isa) {
   }
 #ifdef ROCMFORGE_HAVE_X86_KQUANTS
   if (isa == Isa::kAvx2) {
-    table.types[kQ4_K] = {ActFormat::kQ8K, avx2::dot_q4_k, avx2::dequant_q4_k};
-    table.types[kQ5_K] = {ActFormat::kQ8K, avx2::dot_q5_k, avx2::dequant_q5_k};
-    table.types[kQ6_K] = {ActFormat::kQ8K, avx2::dot_q6_k, avx2::dequant_q6_k};
+    table.types[kQ4_K] = {ActFormat::kQ8K, avx2::dot_one<avx2::DotQ4K>, avx2::dequant_q4_k, dot_rows<avx2::DotQ4K>};
+    table.types[kQ5_K] = {ActFormat::kQ8K, avx2::dot_one<avx2::DotQ5K>, avx2::dequant_q5_k, dot_rows<avx2::DotQ5K>};
+    table.types[kQ6_K] = {ActFormat::kQ8K, avx2::dot_one<avx2::DotQ6K>, avx2::dequant_q6_k, dot_rows<avx2::DotQ6K>};
     table.types[kQ2_K].dequant = avx2::dequant_q2_k;
     table.types[kQ3_K].dequant = avx2::dequant_q3_k;
   }
+  // The VNNI tables keep the AVX2 dequantization (no VNNI in it) and replace the dots.
+  const auto set_dots = [&table](auto q4, auto q4_rows, auto q5, auto q5_rows, auto q6, auto q6_rows) {
+    table.types[kQ4_K].dot = q4, table.types[kQ4_K].dot_rows = q4_rows;
+    table.types[kQ5_K].dot = q5, table.types[kQ5_K].dot_rows = q5_rows;
+    table.types[kQ6_K].dot = q6, table.types[kQ6_K].dot_rows = q6_rows;
+  };
   if (isa == Isa::kAvx2Vnni) {
-    table.types[kQ4_K].dot = avx2_vnni::dot_q4_k;
-    table.types[kQ5_K].dot = avx2_vnni::dot_q5_k;
-    table.types[kQ6_K].dot = avx2_vnni::dot_q6_k;
+    using namespace avx2_vnni;
+    set_dots(dot_one<DotQ4K>, dot_rows<DotQ4K>, dot_one<DotQ5K>, dot_rows<DotQ5K>, dot_one<DotQ6K>, dot_rows<DotQ6K>);
   }
   if (isa == Isa::kAvx512Vnni) {
-    table.types[kQ4_K].dot = avx512_vnni::dot_q4_k;
-    table.types[kQ5_K].dot = avx512_vnni::dot_q5_k;
-    table.types[kQ6_K].dot = avx512_vnni::dot_q6_k;
+    using namespace avx512_vnni;
+    set_dots(dot_one<DotQ4KWide>, dot_rows<DotQ4KWide, 8>, dot_one<DotQ5KWide>, dot_rows<DotQ5KWide, 8>,
+             dot_one<DotQ6KWide>, dot_rows<DotQ6KWide, 8>);
   }
 #endif
 }

@@ -6,6 +6,12 @@
 #include "kernels.h"
 
 namespace rocmforge {
+
+// BlockQ8K's dsums from its d and bsums (one float product each, the same in every version).
+inline void set_dsums(BlockQ8K& y) {
+  for (int j = 0; j < kQKK / 32; ++j) y.dsums[j] = y.d * static_cast<float>(y.bsums[2 * j] + y.bsums[2 * j + 1]);
+}
+
 namespace {
 
 void quantize_q8_scalar(const float* x, void* out, int64_t k) {
@@ -45,6 +51,7 @@ void quantize_q8k_scalar(const float* x, void* out, int64_t k) {
       y[b].bsums[g] = static_cast<int16_t>(sum);
     }
     y[b].d = d;
+    set_dsums(y[b]);
   }
 }
 
@@ -110,6 +117,7 @@ void quantize_q8k_avx2(const float* x, void* out, int64_t k) {
       y[b].bsums[2 * j + 1] = static_cast<int16_t>(partial[1]);
     }
     y[b].d = d;
+    set_dsums(y[b]);
   }
 }
 
