@@ -7,10 +7,12 @@ upgrade rebuilds — and loading it as ``torch.ops.rocmforge_cpu``. :func:`ops` 
 operators, or None with one warning that says why (no compiler, a failed build) and what
 runs instead.
 
-The operators (``csrc/ops.cpp``): ``matmul`` (decode-shaped: integer dot products on the
-blocks against 8-bit activation blocks), ``matmul_dequant`` (prompt-shaped: dequantized tiles
-through ATen's GEMM), ``dequantize``, ``quantize`` and the instruction-set queries. They use
-ATen's intra-op thread pool, sized by ``torch.set_num_threads``.
+The operators (``csrc/ops.cpp``): ``matmul`` (integer dot products on the blocks against
+8-bit activation blocks, each weight piece decoded once for a group of activation rows:
+decode, batched decode, and the prompts of ``INTEGER_GEMM_TYPES``), ``matmul_dequant``
+(dequantized tiles through ATen's GEMM: the other types' prompts), ``dequantize``,
+``quantize`` and the instruction-set queries. They use ATen's intra-op thread pool, sized by
+``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ NATIVE_TYPES = frozenset({0, 1, 30, 2, 3, 6, 7, 8, 12, 13, 14})
 
 INTEGER_GEMM_TYPES = frozenset({12, 13, 14})
 """Types whose many-row integer ``matmul`` outruns ``matmul_dequant`` (dequantized tiles
-through ATen's fp32 GEMM) at every row count: Q4_K Q5_K Q6_K, 1.2-1.6x at 256 rows
-(benchmarks/cpu_matmul.py). The integer super-block sums with 6-bit integer scales cost
-about what the GEMM's FMAs do, without the dequantization; the 32-element types pay a float
-scale per block and lose to the GEMM on prompts."""
+through ATen's fp32 GEMM) at every row count: Q4_K Q5_K Q6_K, 1.7-1.9x at 256 rows on the
+1B shapes (benchmarks/cpu_matmul.py, 2 Zen 5 cores, AVX-512 VNNI; 1.1-1.4x on the AVX2
+tables). Their sub-block sums take 6-bit integer scales inside the integer sum; the
+32-element types pay float scales per block and lose to the GEMM on prompts (0.7-1.0x)."""
 
 _failure: str | None = None
 

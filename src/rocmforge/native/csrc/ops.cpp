@@ -1,12 +1,14 @@
 // The torch operators (torch.ops.rocmforge_cpu.*): argument checks, threading and the two
 // matmul strategies over the kernel table.
 //
-//   matmul          decode-shaped: activations quantized once per row, then each thread
-//                   takes a range of weight rows and dots every activation row with it
-//   matmul_dequant  prompt-shaped: the same quantized activations as `matmul`, expanded to
-//                   fp32, times weight tiles dequantized to fp32 in parallel, by ATen's GEMM
-//                   (oneDNN / MKL) straight into each tile's output slice: the numbers of
-//                   `matmul` up to fp32 rounding, at GEMM speed
+//   matmul          activations quantized once per row, then each thread takes a range of
+//                   weight rows in L1-sized blocks and hands each weight row a group of up
+//                   to kActRows activation rows (the kernels' DotRowsFn decodes each weight
+//                   piece once per few rows): decode, batched decode, K-quant prompts
+//   matmul_dequant  the same quantized activations as `matmul`, expanded to fp32, times
+//                   weight tiles dequantized to fp32 in parallel, by ATen's GEMM (oneDNN /
+//                   MKL) straight into each tile's output slice: the numbers of `matmul` up
+//                   to fp32 rounding, for the prompts of the types where it is faster
 //   dequantize      weight rows -> fp32 (embedding lookups, the dense reference)
 //   quantize        fp32 rows -> activation blocks (exposed for the tests' integer model)
 //
