@@ -83,7 +83,7 @@ const KernelTable& best_kernel_table() {
   // AVX-512 VNNI first: its 512-bit K-quant kernels measured 1.3-1.4x the 256-bit ones on
   // prompt-shaped products (benchmarks/cpu_matmul.py, 2 Zen 5 cores); its other entries are
   // the 256-bit kernels in EVEX encoding, as fast as the AVX-VNNI ones.
-  for (Isa isa : {Isa::kAvx2Vnni, Isa::kAvx2, Isa::kScalar}) {
+  for (Isa isa : {Isa::kAvx512Vnni, Isa::kAvx2Vnni, Isa::kAvx2, Isa::kScalar}) {
     if (const KernelTable* t = kernel_table(isa)) return *t;
   }
   return tables().table[0];
