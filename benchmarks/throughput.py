@@ -181,8 +181,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", default=None, help="GGUF path or known model name (default: the default model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
-    parser.add_argument("--weight-format", default="dense", choices=["dense", "quantized"])
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (auto: per device)")
+    parser.add_argument("--weight-format", default="auto", choices=["auto", "dense", "quantized"],
+                        help="auto (the default settings): the quantized path on either device")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
