@@ -150,6 +150,12 @@ void matmul(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
     at::Tensor& act = acts[static_cast<int>(kernels->act)];
     if (!act.defined()) act = quantize_rows(table, x, kernels->act);
   }
+  // Raw pointers once, outside the row loop (data_ptr checks its tensor on every call).
+  const uint8_t* act_data[4] = {};
+  int64_t act_bytes[4] = {};
+  for (int f = 0; f < 4; ++f) {
+    if (acts[f].defined()) act_data[f] = acts[f].data_ptr<uint8_t>(), act_bytes[f] = acts[f].size(1);
+  }
   float* op = out.data_ptr<float>();
   const int64_t ld = out.stride(0);
   // The weight row, its kernels and its activation rows for output column `row`.
@@ -162,9 +168,9 @@ void matmul(const at::Tensor& x, const std::vector<at::Tensor>& weights, const s
   };
   const auto row_at = [&](int64_t row, size_t& p) {
     while (row >= parts.offset[p] + parts.rows[p]) ++p;
-    const at::Tensor& act = acts[static_cast<int>(parts.kernels[p]->act)];
+    const int f = static_cast<int>(parts.kernels[p]->act);
     return Row{parts.data[p] + (row - parts.offset[p]) * parts.row_bytes[p], parts.row_bytes[p], parts.kernels[p],
-               act.data_ptr<uint8_t>(), act.size(1)};
+               act_data[f], act_bytes[f]};
   };
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t first = begin; first < end;) {
